@@ -1,0 +1,38 @@
+# One entry point per job; every target builds its own virtual environment first.
+#   make demo   pre-train, fine-tune (pre-trained vs random), evaluate on the embedded synthetic data (< 15 min, 2 CPUs)
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  := torch==2.13.0
+BUNDLE := $(PY) -m monai.bundle
+CONFIGS := bundle/configs
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test test-all verify clean
+
+# torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,plot]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	bash docs/scripts/demo.sh $(DEMO_DIR)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m "slow or not slow"
+
+# bundle checks: metadata against the local schema copy, network input/output, TorchScript export
+verify: venv
+	bash docs/scripts/verify.sh
+
+clean:
+	rm -rf $(VENV) runs bundle/eval bundle/data

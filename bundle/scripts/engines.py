@@ -1,0 +1,85 @@
+"""Glue that lets MONAI's ``SupervisedTrainer`` run a contrastive pre-training step unchanged.
+
+The trainer's default iteration computes ``loss(network(inputs), targets)``. For pre-training, ``ContrastiveViews``
+is its ``prepare_batch``: it turns a batch of B slices into V augmented views (V*B images, on the device) and a
+metadata dict as the "targets"; ``MetadataLoss`` calls a contrastive loss with that metadata. AMP, gradient
+accumulation, events and handlers all come from the trainer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+METADATA_KEYS = ("volume", "partition", "sample", "position")
+
+
+class ContrastiveViews:
+    """``prepare_batch`` for pre-training.
+
+    Args:
+        augment: a callable on a batch tensor (B, C, H, W) -> (B, C, H, W) with independent random draws per slice.
+        num_views: V, augmented views per slice (the paper: 2).
+        channels_last: return the views in channels_last memory format (faster convolutions on GPU).
+
+    Call: ``(batchdata, device, non_blocking) -> (views (V*B, C, H, W), metadata)`` where ``metadata`` holds
+    "volume", "partition", "position" repeated per view and "sample" = the slice's index within this batch, so the
+    V views of one slice share it (view-major order: all first views, then all second views, ...).
+    """
+
+    def __init__(self, augment: Callable[[torch.Tensor], torch.Tensor], num_views: int = 2, channels_last: bool = False):
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}.")
+        self.augment, self.num_views, self.channels_last = augment, num_views, channels_last
+
+    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **_):
+        images = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking)
+        views = torch.cat([self.augment(images) for _ in range(self.num_views)])
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        metadata = {
+            key: torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking).repeat(self.num_views)
+            for key in ("volume", "partition", "position")
+        }
+        metadata["sample"] = torch.arange(images.shape[0], device=images.device).repeat(self.num_views)
+        return views, metadata
+
+
+class MetadataLoss(nn.Module):
+    """Calls ``loss(pred, **metadata)`` for the metadata keys ``loss.forward`` accepts (trainer: ``loss(pred, target)``)."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+        accepted = inspect.signature(loss.forward).parameters
+        self.keys = tuple(k for k in METADATA_KEYS if k in accepted)
+
+    def forward(self, pred: torch.Tensor, metadata: dict) -> torch.Tensor:
+        return self.loss(pred, **{k: metadata[k] for k in self.keys})
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad`` (e.g. everything but the frozen encoder in the local stage)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class LossProgressBar:
+    """A tqdm progress bar over the iterations of each epoch showing the running loss; a MONAI-style handler.
+
+    Args:
+        desc: label shown before the bar.
+        output_transform: engine output -> the loss to show (default: the "loss" of the first decollated item).
+    """
+
+    def __init__(self, desc: str = "train", output_transform: Callable | None = None):
+        from ignite.handlers import ProgressBar
+        from monai.handlers import from_engine
+
+        self.bar = ProgressBar(persist=True, desc=desc, ncols=100)
+        self.output_transform = output_transform or from_engine(["loss"], first=True)
+
+    def attach(self, engine) -> None:
+        self.bar.attach(engine, output_transform=lambda out: {"loss": float(self.output_transform(out)[0])})

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Bundle checks: metadata against the local copy of the 2024-07-25 schema (offline), the network's input/output
+# shapes, and a TorchScript export of models/model.pt (run after fine-tuning; skipped with a note when absent).
+set -euo pipefail
+cd "$(dirname "$0")/../../bundle"
+PY=${PY:-../.venv/bin/python}
+SCHEMA=${SCHEMA:-../../shared/schema/meta_schema_20240725.json}
+"$PY" -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "$SCHEMA"
+"$PY" -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \
+    --config_file configs/inference.yaml --n 2
+if [ -f models/model.pt ]; then
+    "$PY" -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \
+        --meta_file configs/metadata.json --config_file configs/inference.yaml
+else
+    echo "models/model.pt not found: run fine-tuning (make demo) before the TorchScript export"
+fi
