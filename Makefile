@@ -9,7 +9,7 @@ BUNDLE := $(PY) -m monai.bundle
 CONFIGS := bundle/configs
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test test-all verify clean
+.PHONY: venv demo test test-all verify bench clean
 
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -33,6 +33,10 @@ test-all: venv
 # bundle checks: metadata against the local schema copy, network input/output, TorchScript export
 verify: venv
 	bash docs/scripts/verify.sh
+
+# speed and peak memory of the contrastive losses, and their share of a pre-training step (add ARGS=--paper for 192x192)
+bench: venv
+	PYTHONPATH=bundle $(PY) -m scripts.benchmark $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs bundle/eval bundle/data

@@ -10,19 +10,29 @@ the file's folder, with these keys:
 - ``test``: held-out evaluation, never used for selection.
 
 The split is patient-level: every entry carries a ``patient`` id and all entries of one patient share one role.
+Paths inside the datalist's folder are stored relative to it, paths elsewhere (a raw dataset left where it is) are
+absolute. Top-level entries that are not lists describe the dataset (``datalist_info``): ``labels`` (class index ->
+name), ``channel`` (the image channel used), ``label_values`` (raw label value of each class), ``source``.
+
+Pre-processed volumes are cached on disk by ``CachedVolumes`` (a ``PersistentDataset``) under a key made of the
+files (path, size, modification time) and the pickled pre-processing transforms, so changed files or settings miss.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
+from monai.data import PersistentDataset, load_decathlon_datalist
+from monai.data.image_reader import ImageReader
 from torch.utils.data import Dataset
 
 from scripts.sampler import partition_of
@@ -30,6 +40,7 @@ from scripts.sampler import partition_of
 logger = logging.getLogger(__name__)
 
 ROLES = ("pretrain", "validation", "test")
+SYNTHETIC_LABELS = {"0": "background", "1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
 
 
 def split_patients(
@@ -40,43 +51,51 @@ def split_patients(
     num_subsets: Sequence[int] = (5, 5, 3),
     seed: int = 0,
 ) -> dict[str, list[dict]]:
-    """Seeded patient-level split of ``cases`` (dicts with "image", "label", "patient") into a datalist dict.
+    """Seeded patient-level split of ``cases`` (dicts with "image", "patient" and, when labelled, "label").
 
-    Validation and test patients are drawn first; the rest form the training pool. Labelled subsets are drawn
-    from the pool; subsets of the same size differ from each other whenever the pool allows it.
+    Validation and test patients are drawn first, among the patients with labels; the rest form the training pool.
+    Labelled subsets are drawn from the labelled pool patients; subsets of the same size differ from each other
+    whenever the pool allows it. Unlabelled cases (no "label") only ever serve pre-training: those of pool patients
+    join ``pretrain``; those of validation or test patients are left out (they would leak those patients).
     """
     if len(subset_sizes) != len(num_subsets):
         raise ValueError(f"subset_sizes {subset_sizes} and num_subsets {num_subsets} must have the same length.")
-    patients = sorted({c["patient"] for c in cases})
+    labelled = [c for c in cases if c.get("label") is not None]
+    patients = sorted({c["patient"] for c in labelled})
     if num_validation < 1 or num_test < 1 or len(patients) <= num_validation + num_test:
         raise ValueError(
-            f"cannot split {len(patients)} patients into {num_validation} validation, {num_test} test "
+            f"cannot split {len(patients)} labelled patients into {num_validation} validation, {num_test} test "
             "and a non-empty training pool."
         )
     order = np.random.default_rng(seed).permutation(len(patients))
     test = {patients[i] for i in order[:num_test]}
     validation = {patients[i] for i in order[num_test : num_test + num_validation]}
     pool = [c for c in cases if c["patient"] not in test | validation]
-    pool_patients = sorted({c["patient"] for c in pool})
+    labelled_pool = [c for c in pool if c.get("label") is not None]
+    pool_patients = sorted({c["patient"] for c in labelled_pool})
     datalist = {
-        "pretrain": [{"image": c["image"], "patient": c["patient"]} for c in pool],
-        "labelled_all": list(pool),
-        "validation": [c for c in cases if c["patient"] in validation],
-        "test": [c for c in cases if c["patient"] in test],
+        "pretrain": [{k: v for k, v in c.items() if k != "label"} for c in pool],
+        "labelled_all": list(labelled_pool),
+        "validation": [c for c in labelled if c["patient"] in validation],
+        "test": [c for c in labelled if c["patient"] in test],
     }
     rng = np.random.default_rng(seed + 1)
     for size, count in zip(subset_sizes, num_subsets):
         if size > len(pool_patients):
-            raise ValueError(f"a labelled subset of {size} patients needs a pool of at least {size}.")
+            raise ValueError(
+                f"a labelled subset of {size} patients needs a labelled pool of at least {size}, "
+                f"the pool has {len(pool_patients)}."
+            )
         for index in range(count):
             chosen = set(rng.choice(pool_patients, size=size, replace=False).tolist())
-            datalist[f"labelled_{size}_{index}"] = [c for c in pool if c["patient"] in chosen]
+            datalist[f"labelled_{size}_{index}"] = [c for c in labelled_pool if c["patient"] in chosen]
     check_datalist(datalist)
     return datalist
 
 
-def check_datalist(datalist: dict[str, list[dict]]) -> None:
-    """Raise ValueError if a patient or image plays two roles (pre-train/labelled pool, validation, test)."""
+def check_datalist(datalist: dict) -> None:
+    """Raise ValueError if a patient or image plays two roles (pre-train/labelled pool, validation, test), or if a
+    labelled list holds a volume outside the training pool or without a label."""
     owner: dict[str, str] = {}
     for role in ROLES:
         for case in datalist.get(role, []):
@@ -88,18 +107,33 @@ def check_datalist(datalist: dict[str, list[dict]]) -> None:
             for case in cases:
                 if owner.get(case["image"]) != "pretrain":
                     raise ValueError(f"{case['image']} in '{key}' is not in the training pool.")
+        if key.startswith("labelled_") or key in ("validation", "test"):
+            for case in cases:
+                if case.get("label") is None:
+                    raise ValueError(f"{case['image']} in '{key}' has no label.")
 
 
 def write_datalist(path: str, datalist: dict, base_dir: str | None = None) -> str:
-    """Write ``datalist`` as JSON at ``path`` atomically, with paths made relative to ``base_dir`` (the file's folder)."""
-    base_dir = os.path.dirname(os.path.abspath(path)) if base_dir is None else base_dir
+    """Write ``datalist`` as JSON at ``path`` atomically; returns ``path``.
 
-    def rel(case: dict) -> dict:
-        return {k: os.path.relpath(v, base_dir) if k in ("image", "label") else v for k, v in case.items()}
+    Lists of cases have their "image"/"label" paths made relative to ``base_dir`` (default: the file's folder) when
+    they lie inside it, absolute otherwise (so a raw dataset elsewhere stays found wherever the datalist is read
+    from). Other top-level values (label names, dataset description) are written as they are.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    base_dir = os.path.abspath(folder if base_dir is None else base_dir)
 
-    content = {key: [rel(c) for c in cases] for key, cases in datalist.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
+    def rel(value: str) -> str:
+        value = os.path.abspath(value)
+        inside = os.path.commonpath([value, base_dir]) == base_dir
+        return os.path.relpath(value, base_dir) if inside else value
+
+    def entry(case: dict) -> dict:
+        return {k: rel(v) if k in ("image", "label") and isinstance(v, str) else v for k, v in case.items()}
+
+    content = {key: [entry(c) for c in value] if _is_case_list(value) else value for key, value in datalist.items()}
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(content, f, indent=2)
@@ -110,13 +144,107 @@ def write_datalist(path: str, datalist: dict, base_dir: str | None = None) -> st
     return path
 
 
+def _is_case_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(c, dict) and "image" in c for c in value)
+
+
 def load_datalist(path: str, key: str) -> list[dict]:
     """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a clear error for a missing key."""
+    path = os.path.abspath(path)
     with open(path) as f:
-        keys = list(json.load(f))
+        content = json.load(f)
+    keys = [k for k, v in content.items() if isinstance(v, list)]
     if key not in keys:
         raise KeyError(f"{path} has no list '{key}'; it has: {', '.join(keys)}.")
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
+
+
+def datalist_info(path: str) -> dict:
+    """The top-level entries of the datalist at ``path`` that are not lists of volumes: ``labels`` (class index ->
+    name), ``channel``, ``label_values``, ``source``... ``{}`` when the file does not exist (e.g. under MONAI Label,
+    which hands over its own data lists)."""
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        content = json.load(f)
+    return {k: v for k, v in content.items() if not isinstance(v, list)}
+
+
+def label_names(path: str, foreground_only: bool = True) -> list[str] | None:
+    """Class names in class order from the datalist's ``labels`` entry (without the background by default);
+    None when the datalist has none (e.g. for ``scripts.report.dice_table(..., class_names=...)``)."""
+    labels = datalist_info(path).get("labels")
+    if not labels:
+        return None
+    names = [labels[k] for k in sorted(labels, key=int)]
+    return names[1:] if foreground_only else names
+
+
+# ---------------------------------------------------------------- disk cache of pre-processed volumes
+def file_hashing(item: dict) -> bytes:
+    """Cache key of a data item: its "image" and "label" files, each as absolute path, size and modification time
+    (a replaced file misses the cache). Other keys (patient ids...) do not matter."""
+    parts = []
+    for key in ("image", "label"):
+        value = item.get(key)
+        if isinstance(value, str):
+            path = os.path.abspath(value)
+            try:
+                stat = os.stat(path)
+                parts.append([key, path, stat.st_size, stat.st_mtime_ns])
+            except OSError:
+                parts.append([key, path, None, None])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest().encode()
+
+
+class _TransformPickler(pickle.Pickler):
+    """Pickles transforms deterministically, leaving out what image readers remember of the last file read."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, ImageReader):
+            return type(obj), (), {k: v for k, v in vars(obj).items() if k != "filenames"}
+        return NotImplemented
+
+
+def transform_hashing(transforms) -> bytes:
+    """Hash of the (deterministic) pre-processing transforms and all their settings: equal settings give equal
+    hashes in any process, before or after the transforms ran; any changed setting changes it."""
+    buffer = io.BytesIO()
+    _TransformPickler(buffer, protocol=4).dump(transforms)
+    return hashlib.sha256(buffer.getvalue()).hexdigest().encode()
+
+
+class CachedVolumes(PersistentDataset):
+    """``PersistentDataset`` of pre-processed volumes, keyed by ``file_hashing`` and ``transform_hashing``.
+
+    Args:
+        data: dicts with "image" (and "label") paths, e.g. ``load_datalist(...)``.
+        transform: the deterministic pre-processing (``scripts.transforms.preprocessing``).
+        cache_dir: folder of the cache files (``<key>.pt``, written atomically); None: no disk cache (every access
+            recomputes). Changed files or settings give new keys; stale files stay until the folder is deleted.
+
+    Items come back with plain tensors (no metadata), the same on a cache hit and a miss.
+    """
+
+    def __init__(self, data: Sequence[dict], transform, cache_dir: str | None = None, **kwargs):
+        kwargs.setdefault("hash_func", file_hashing)
+        kwargs.setdefault("hash_transform", transform_hashing)
+        super().__init__(data=data, transform=transform, cache_dir=cache_dir, **kwargs)
+
+    def cache_file(self, index: int) -> str | None:
+        """The cache file of item ``index`` (it may not exist yet); None without a cache folder."""
+        if self.cache_dir is None:
+            return None
+        return str(self.cache_dir / f"{self.hash_func(self.data[index]).decode()}{self.transform_hash}.pt")
+
+    def _pre_transform(self, item_transformed):
+        item = super()._pre_transform(item_transformed)
+        # compact copies: a cropped array is a view of the larger resampled one, whose whole storage torch.save writes
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+
+    def _transform(self, index: int):
+        item = super()._transform(index)
+        return {k: v.as_tensor() if hasattr(v, "as_tensor") else v for k, v in item.items()}
 
 
 def prepare_synthetic(
@@ -133,8 +261,10 @@ def prepare_synthetic(
 
     cases = write_dataset(dataset_dir, num_patients=num_patients, seed=seed)
     datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed)
+    datalist["labels"] = dict(SYNTHETIC_LABELS)
+    datalist["source"] = {"kind": "synthetic", "num_patients": num_patients, "seed": seed}
     path = write_datalist(os.path.join(dataset_dir, "datalist.json"), datalist)
-    logger.info(f"Wrote {path}: " + ", ".join(f"{k} {len(v)}" for k, v in datalist.items()))
+    logger.info(f"Wrote {path}: " + ", ".join(f"{k} {len(v)}" for k, v in datalist.items() if isinstance(v, list)))
     return path
 
 
@@ -143,7 +273,8 @@ class VolumeSlices(Dataset):
 
     Args:
         volumes: a dataset of dicts whose arrays (e.g. "image", "label") are (C, H, W, Z), slice axis last —
-            typically a ``CacheDataset`` with ``preprocessing``.
+            typically ``CachedVolumes`` with ``preprocessing``. Each volume is read once, at construction, and its
+            ``keys`` arrays are kept in memory as plain tensors.
         num_partitions: S, the number of partitions each volume is cut into along z.
         transform: optional transform applied to each slice dict (e.g. fine-tuning augmentation).
 
@@ -152,12 +283,18 @@ class VolumeSlices(Dataset):
     arrays (C, H, W) and "volume", "slice", "partition" (ints) and "position" = slice / Z (float in [0, 1)).
     """
 
-    def __init__(self, volumes: Dataset, num_partitions: int = 4, transform=None, keys: Sequence[str] = ("image", "label")):
+    def __init__(
+        self, volumes: Dataset, num_partitions: int = 4, transform=None, keys: Sequence[str] = ("image", "label")
+    ):
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}.")
         self.volumes, self.num_partitions, self.transform = volumes, num_partitions, transform
         self.keys = tuple(keys)
-        self.slice_counts = [int(volumes[i]["image"].shape[-1]) for i in range(len(volumes))]
+        self.arrays = []
+        for i in range(len(volumes)):
+            volume = volumes[i]
+            self.arrays.append({key: _plain(volume[key]) for key in self.keys if key in volume})
+        self.slice_counts = [int(a["image"].shape[-1]) for a in self.arrays]
         self._offsets = np.cumsum([0] + self.slice_counts)
 
     def __len__(self) -> int:
@@ -169,11 +306,16 @@ class VolumeSlices(Dataset):
         else:
             v = int(np.searchsorted(self._offsets, index, side="right") - 1)
             k = int(index - self._offsets[v])
-        volume = self.volumes[v]
         q = self.slice_counts[v]
-        item = {key: torch.as_tensor(volume[key][..., k]) for key in self.keys if key in volume}
+        item = {key: array[..., k].clone() for key, array in self.arrays[v].items()}  # a copy: transforms may write
         item.update(volume=v, slice=k, partition=int(partition_of(k, q, self.num_partitions)), position=k / q)
         return self.transform(item) if self.transform is not None else item
+
+
+def _plain(array) -> torch.Tensor:
+    """A plain tensor (MetaTensor metadata dropped) sharing the data where possible."""
+    array = torch.as_tensor(array)
+    return array.as_tensor() if hasattr(array, "as_tensor") else array
 
 
 def find_images(pattern: str) -> list[dict]:

@@ -66,20 +66,19 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def loss_value(output) -> float:
+    """The ``"loss"`` of an engine output: a dict (``decollate=False``) or a list of decollated dicts."""
+    first = output[0] if isinstance(output, (list, tuple)) else output
+    return float(first["loss"])
+
+
 class LossProgressBar:
-    """A tqdm progress bar over the iterations of each epoch showing the running loss; a MONAI-style handler.
+    """A MONAI-style handler: a tqdm bar over the iterations of each epoch, showing the current loss."""
 
-    Args:
-        desc: label shown before the bar.
-        output_transform: engine output -> the loss to show (default: the "loss" of the first decollated item).
-    """
-
-    def __init__(self, desc: str = "train", output_transform: Callable | None = None):
+    def __init__(self, desc: str = "train", mininterval: float = 2.0):
         from ignite.handlers import ProgressBar
-        from monai.handlers import from_engine
 
-        self.bar = ProgressBar(persist=True, desc=desc, ncols=100)
-        self.output_transform = output_transform or from_engine(["loss"], first=True)
+        self.bar = ProgressBar(persist=True, desc=desc, ncols=100, mininterval=mininterval)
 
     def attach(self, engine) -> None:
-        self.bar.attach(engine, output_transform=lambda out: {"loss": float(self.output_transform(out)[0])})
+        self.bar.attach(engine, output_transform=lambda output: {"loss": loss_value(output)})

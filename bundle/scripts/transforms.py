@@ -1,10 +1,19 @@
 """Pre-processing of 3D volumes and the tensor augmentations of the pre-training stages.
 
 Pre-processing (``preprocessing``) turns a loaded volume into a channel-first (C, H, W, Z) stack of square slices
-with the slice axis last: in-plane resampling to a target spacing (linear for images, nearest for labels, no
-resampling along z), centre crop/pad to ``image_size``, and per-volume min-max normalisation between the 1st and
-99th intensity percentile (no clipping), as in method.md. All of it is invertible with ``Invertd``, so predictions
-go back to the native grid.
+with the slice axis last, following method.md:
+
+1. channel selection for multi-channel (4D) images, label remapping (e.g. MMWHS raw values -> 0..K);
+2. per-volume min-max normalisation between the 1st and 99th intensity percentile, no clipping, on the native volume
+   (so the zero padding added later is the 1st-percentile value and does not bias the percentiles);
+3. the slice axis moved last (``SliceAxisLastd``; default: the axis with the largest voxel spacing);
+4. in-plane resampling to a target spacing (linear for images, nearest for labels, none along the slice axis). A
+   volume whose affine is a placeholder (unit voxels, axis-aligned, origin 0: the geometry was lost) is first given
+   an assumed in-plane voxel size (``PlaceholderSpacingd``): ``placeholder_spacing`` mm, or, when that is None, the
+   size that makes its longer in-plane side exactly ``image_size`` pixels after resampling (aspect ratio kept);
+5. centre crop/pad of each slice to ``image_size`` x ``image_size``.
+
+Steps 3-5 are invertible with ``Invertd``, so predictions go back to the native grid (steps 1-2 change no geometry).
 
 The pre-training augmentations work on a whole batch of slices (B, C, H, W) as tensors on the training device,
 with an independent random draw per slice and no Python loop over slices.
@@ -12,16 +21,20 @@ with an independent random draw per slice and no Python loop over slices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    InvertibleTransform,
     LoadImaged,
+    MapTransform,
     Randomizable,
     ResizeWithPadOrCropd,
     Rotated,
@@ -31,6 +44,227 @@ from monai.transforms import (
 )
 
 
+def voxel_spacing(affine) -> np.ndarray:
+    """Voxel size along each array axis (the column norms of the affine's linear part)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.linalg.norm(affine[:-1, :-1], axis=0)
+
+
+def is_placeholder_affine(affine, atol: float = 1e-6) -> bool:
+    """True when ``affine`` carries no real geometry: unit voxels along the array axes (the linear part is a signed
+    permutation matrix, e.g. identity or an ITK-style diag(-1, -1, 1)) and the origin at 0."""
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = np.abs(affine[:3, :3])
+    return bool(
+        np.allclose(linear, np.round(linear), atol=atol)
+        and np.allclose(linear.sum(0), 1.0, atol=atol)
+        and np.allclose(linear.sum(1), 1.0, atol=atol)
+        and np.allclose(affine[:3, 3], 0.0, atol=atol)
+    )
+
+
+def choose_slice_axis(affine, slice_axis: int | str = "auto") -> int:
+    """The spatial axis (0, 1 or 2) the 2D slices are cut along.
+
+    ``"auto"``: the axis with the largest voxel spacing; ties (within 0.1 %, e.g. a placeholder affine or an isotropic
+    volume) go to the later axis, so an undecided volume keeps its last axis. An int (0, 1, 2 or -1) is used as is.
+    """
+    if isinstance(slice_axis, str):
+        if slice_axis.strip().lstrip("-").isdigit():
+            slice_axis = int(slice_axis)
+        elif slice_axis != "auto":
+            raise ValueError(f"slice_axis must be 'auto' or one of 0, 1, 2, -1; got {slice_axis!r}.")
+    if slice_axis == "auto":
+        spacing = voxel_spacing(affine)[:3]
+        largest = spacing.max()
+        return int(max(i for i in range(3) if spacing[i] >= largest * (1 - 1e-3)))
+    if isinstance(slice_axis, bool) or slice_axis not in (0, 1, 2, -1):
+        raise ValueError(f"slice_axis must be 'auto' or one of 0, 1, 2, -1; got {slice_axis!r}.")
+    return int(slice_axis) % 3
+
+
+def _source(img) -> str:
+    """The file an array came from (for error messages)."""
+    meta = getattr(img, "meta", None) or {}
+    return str(meta.get("filename_or_obj", "<array>"))
+
+
+def _check_3d(img, key: Hashable) -> None:
+    if img.ndim != 4:
+        raise ValueError(
+            f"{_source(img)}: '{key}' has {img.ndim - 1} spatial dimensions (shape {tuple(img.shape[1:])}), "
+            "a 3D volume is expected."
+        )
+
+
+class SelectChanneld(MapTransform):
+    """Keep channel ``channel`` of a channel-first multi-channel image (e.g. the T2 channel, 0, of the Decathlon
+    prostate task): (C, H, W, Z) -> (1, H, W, Z). With ``channel=None`` the image must have a single channel; a
+    multi-channel (4D) file then raises a ValueError naming the file."""
+
+    def __init__(self, keys: KeysCollection, channel: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if channel is not None and (isinstance(channel, bool) or int(channel) != channel or channel < 0):
+            raise ValueError(f"channel must be None or an int >= 0, got {channel!r}.")
+        self.channel = None if channel is None else int(channel)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            n = img.shape[0]
+            if self.channel is None:
+                if n != 1:
+                    raise ValueError(
+                        f"{_source(img)}: '{key}' has {n} channels (a 4D file) where a 3D volume is expected; "
+                        "choose one channel (image_channel / channel)."
+                    )
+            elif self.channel >= n:
+                raise ValueError(f"{_source(img)}: channel {self.channel} requested, '{key}' has {n} channel(s).")
+            else:
+                d[key] = img[self.channel : self.channel + 1]
+        return d
+
+
+class RemapLabelsd(MapTransform):
+    """Map raw label values to class indices: ``values[i]`` becomes class i (e.g. MMWHS: values
+    (0, 205, 420, 500, 550, 600, 820, 850) -> 0..7). ``values=None`` leaves labels as they are. A value not in
+    ``values`` raises a ValueError naming the file (a silent pass-through would break one-hot encoding later)."""
+
+    def __init__(self, keys: KeysCollection, values: Sequence[int] | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.values = None if values is None else tuple(int(v) for v in values)
+        if self.values is not None and len(set(self.values)) != len(self.values):
+            raise ValueError(f"label values must be distinct, got {self.values}.")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.values is None:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            raw = torch.as_tensor(img)
+            table = torch.as_tensor(self.values, dtype=raw.dtype, device=raw.device)
+            known = torch.isin(raw, table)
+            if not bool(known.all()):
+                unknown = [int(v) if float(v).is_integer() else v for v in torch.unique(raw[~known]).tolist()]
+                raise ValueError(
+                    f"{_source(img)}: unexpected label values {unknown[:10]}; expected {list(self.values)}."
+                )
+            out = torch.zeros_like(raw)
+            for index, value in enumerate(self.values):
+                out[raw == value] = index
+            d[key] = out
+        return d
+
+
+class SliceAxisLastd(MapTransform, InvertibleTransform):
+    """Move the slice axis of (C, X, Y, Z) volumes last, permuting the affine's columns with the array axes so that
+    every voxel keeps its world position. Invertible.
+
+    The axis is chosen once per call from the first key's affine (see ``choose_slice_axis``) and applied to every key.
+    """
+
+    def __init__(self, keys: KeysCollection, slice_axis: int | str = "auto", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        choose_slice_axis(np.eye(4), slice_axis)  # validates the argument
+        if isinstance(slice_axis, str) and slice_axis != "auto":
+            slice_axis = int(slice_axis)
+        self.slice_axis = slice_axis
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        axis = None
+        for key in self.key_iterator(d):
+            img = d[key]
+            _check_3d(img, key)
+            if axis is None:
+                affine = img.affine if isinstance(img, MetaTensor) else np.eye(4)
+                axis = choose_slice_axis(affine, self.slice_axis)
+            order = [a for a in range(3) if a != axis] + [axis]
+            out = img.permute(0, *(a + 1 for a in order))
+            swap = np.eye(4)
+            swap[:3, :3] = np.eye(3)[:, order]  # new axis i is old axis order[i]
+            if isinstance(out, MetaTensor):
+                out = self.push_transform(out, affine=torch.as_tensor(swap), extra_info={"order": order})
+            d[key] = out
+        return d
+
+    def inverse(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            order = self.pop_transform(img)["extra_info"]["order"]
+            back = [int(i) for i in np.argsort(order)]
+            out = img.permute(0, *(a + 1 for a in back))
+            swap = np.eye(4)
+            swap[:3, :3] = np.eye(3)[:, order]
+            out.affine = out.affine @ torch.as_tensor(swap.T, dtype=torch.float64)
+            d[key] = out
+        return d
+
+
+class PlaceholderSpacingd(MapTransform, InvertibleTransform):
+    """Give a volume whose affine is a placeholder (``is_placeholder_affine``) an assumed in-plane voxel size, so that
+    the in-plane resampling that follows (``Spacingd``) scales it by a known factor. Only the affine changes (columns
+    0 and 1 are scaled); volumes with a real affine pass unchanged. Invertible (the affine is restored).
+
+    Args:
+        placeholder_spacing: the in-plane voxel size in mm to assume, or None: the size that makes the longer in-plane
+            side of the volume exactly ``image_size`` pixels at ``spacing`` mm (the whole slice fits, aspect kept;
+            ``spacing * (image_size - 1) / (longer side - 1)``, as ``Spacingd`` maps voxel centres).
+        image_size, spacing: the pre-processing's slice size and target in-plane spacing (for the None rule).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        placeholder_spacing: float | None = None,
+        image_size: int = 192,
+        spacing: float = 1.36719,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if placeholder_spacing is not None and not float(placeholder_spacing) > 0:
+            raise ValueError(f"placeholder_spacing must be None or > 0, got {placeholder_spacing!r}.")
+        self.placeholder_spacing = None if placeholder_spacing is None else float(placeholder_spacing)
+        self.image_size, self.spacing = int(image_size), float(spacing)
+
+    def assumed_spacing(self, affine, spatial_shape: Sequence[int]) -> float | None:
+        """The in-plane voxel size (mm) assumed for a volume (slice axis last), or None when its affine is real."""
+        if not is_placeholder_affine(affine):
+            return None
+        if self.placeholder_spacing is not None:
+            return self.placeholder_spacing
+        longest = max(int(spatial_shape[0]), int(spatial_shape[1]))
+        # Spacingd maps voxel centres: n voxels become round((n - 1) * assumed / spacing + 1) pixels
+        return self.spacing * (self.image_size - 1) / max(longest - 1, 1)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        scale = None
+        for key in self.key_iterator(d):
+            img = d[key]
+            if not isinstance(img, MetaTensor):
+                continue
+            if scale is None:
+                assumed = self.assumed_spacing(img.affine, img.shape[1:])
+                scale = [1.0, 1.0] if assumed is None else [assumed, assumed]
+            matrix = torch.diag(torch.tensor([*scale, 1.0, 1.0], dtype=torch.float64))
+            d[key] = self.push_transform(img, affine=matrix, extra_info={"scale": scale})
+        return d
+
+    def inverse(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            scale = self.pop_transform(img)["extra_info"]["scale"]
+            undo = torch.tensor([1 / scale[0], 1 / scale[1], 1.0, 1.0], dtype=torch.float64)
+            img.affine = img.affine @ torch.diag(undo)
+            d[key] = img
+        return d
+
+
 def preprocessing(
     keys: Sequence[str] = ("image", "label"),
     image_size: int = 192,
@@ -38,25 +272,50 @@ def preprocessing(
     lower_percentile: float = 1.0,
     upper_percentile: float = 99.0,
     load: bool = True,
+    slice_axis: int | str = "auto",
+    placeholder_spacing: float | None = None,
+    channel: int | None = None,
+    label_values: Sequence[int] | None = None,
 ) -> Compose:
     """Dictionary pre-processing for ``keys`` (the first is the image, any others are label maps).
 
-    Output: "image" float32 (1, image_size, image_size, Z) normalised to [0, 1] between the percentiles (values
-    outside are kept), labels (1, image_size, image_size, Z). ``load=False`` drops the loader (MONAI Label and
-    callers that hand over arrays with metadata load by themselves).
+    Args:
+        image_size: slice side after resampling and centre crop/pad.
+        spacing: in-plane target spacing (mm); the slice axis is never resampled.
+        lower_percentile, upper_percentile: the image is scaled so these percentiles become 0 and 1 (values outside
+            are kept).
+        load: False drops the loader (MONAI Label and callers that hand over arrays with metadata load by themselves).
+        slice_axis: "auto" (the axis with the largest spacing, see ``choose_slice_axis``) or 0, 1, 2, -1.
+        placeholder_spacing: in-plane voxel size (mm) assumed when the affine is a placeholder (identity); None:
+            resize so that the longer in-plane side fills ``image_size`` (see ``PlaceholderSpacingd``).
+        channel: which channel of a multi-channel (4D) image to use; None: images must be 3D.
+        label_values: raw value of each class in the label files (``values[i]`` -> class i), e.g. MMWHS; None: the
+            files hold class indices already.
+
+    Output: "image" float32 (1, image_size, image_size, Z), labels (1, image_size, image_size, Z), Z the number of
+    slices along the slice axis. Arguments are normalised (floats, ints, tuples), so equal settings give equal
+    transforms, whose pickled form keys the disk cache (``scripts.data.CachedVolumes``).
     """
     keys = tuple(keys)
     image, labels = keys[0], keys[1:]
+    spacing, image_size = float(spacing), int(image_size)
     steps = [LoadImaged(keys, image_only=True)] if load else []
     steps += [
         EnsureChannelFirstd(keys),
+        SelectChanneld(image, channel),
         EnsureTyped(image, dtype=torch.float32),
-        # in-plane only: a non-positive spacing keeps the original one along z
+    ]
+    if labels and label_values is not None:
+        steps.append(RemapLabelsd(labels, label_values))
+    steps += [
+        ScaleIntensityRangePercentilesd(
+            image, lower=float(lower_percentile), upper=float(upper_percentile), b_min=0.0, b_max=1.0, clip=False
+        ),
+        SliceAxisLastd(keys, slice_axis),
+        PlaceholderSpacingd(keys, placeholder_spacing, image_size, spacing),
+        # in-plane only: a non-positive spacing keeps the original one along the slice axis
         Spacingd(keys, pixdim=(spacing, spacing, -1.0), mode=("bilinear",) + ("nearest",) * len(labels)),
         ResizeWithPadOrCropd(keys, spatial_size=(image_size, image_size, -1)),
-        ScaleIntensityRangePercentilesd(
-            image, lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=False
-        ),
     ]
     return Compose(steps)
 

@@ -16,11 +16,15 @@ run pretrain --config_file "['$C/train.yaml','$C/pretrain.yaml']"
 run run --config_file "$C/train.yaml"
 run run --config_file "['$C/train.yaml','$C/evaluate.yaml']"
 # the same budget from random initialisation -> bundle/models/random_init/model.pt
-RANDOM_INIT=(--pretrained_checkpoint None --model_dir bundle/models/random_init --output_dir bundle/eval/random_init)
+RANDOM_INIT=(--use_pretrained False --model_dir bundle/models/random_init --output_dir bundle/eval/random_init)
 run run --config_file "$C/train.yaml" "${RANDOM_INIT[@]}"
 run run --config_file "['$C/train.yaml','$C/evaluate.yaml']" "${RANDOM_INIT[@]}"
 
 PYTHONPATH=bundle "$PY" -m scripts.cli compare \
     --results "{'random init': 'bundle/eval/random_init/test', 'G^D + L^R pre-trained': 'bundle/eval/test'}" \
     --output bundle/eval/demo_results.md
+PYTHONPATH=bundle "$PY" -m scripts.cli curves --output bundle/eval/demo_curves.png \
+    --global_loss=bundle/eval/pretrain_global:global_loss --local_loss=bundle/eval/pretrain_local:local_loss \
+    --validation_Dice_pretrained=bundle/eval:val_mean_dice \
+    --validation_Dice_random_init=bundle/eval/random_init:val_mean_dice
 echo "demo finished in $(( $(date +%s) - START )) s; table written to bundle/eval/demo_results.md"

@@ -1,0 +1,720 @@
+"""Speed and memory benchmark of the contrastive losses (``make bench`` or ``PYTHONPATH=bundle python -m
+scripts.benchmark``).
+
+Three measurements, each printed as a plain-text table:
+
+1. ``global``: :class:`~scripts.losses.GlobalContrastiveLoss` forward + backward for every strategy against the
+   batch size N (embeddings N x 128; metadata of a partition-aware batch: M volumes x S partitions x V views,
+   view-major as :class:`~scripts.engines.ContrastiveViews` builds it).
+2. ``local``: :class:`~scripts.losses.LocalContrastiveLoss` forward + backward for every strategy and region mode
+   against the batch size (images) and the number of regions K, on C x H x W feature maps (default 64 x 48 x 48:
+   the output of decoder block 3 for 192 x 192 slices).
+3. ``step``: the loss's share of a whole pre-training step. A step is what the trainer runs per iteration:
+   augmentation of V views on the device, network forward, loss, backward, Adam step. The global stage is
+   ``GlobalContrastiveNet`` on M x S slices x V views (paper: 4 x 4 x 2 = 32 images); the local stage is
+   ``LocalContrastiveNet(decoder_blocks=3)`` (frozen encoder) on M x S slices x V views (paper: 12 x 2 = 24
+   images). The loss alone is forward + backward on inputs of the shape the network produces. The share is
+   ``loss time / step time``. ``--paper`` measures at 192 x 192 (the paper's slice size); the default is a reduced
+   size so the whole run stays short on a CPU.
+
+Times are the median wall-clock time of ``repeats`` calls after ``warmup`` calls (on CUDA with
+``torch.cuda.synchronize`` around each call); a call stops being repeated once ``max_seconds`` have passed and at
+least 3 repeats were made (the ``reps`` column). The forward + backward of a loss is ``torch.autograd.grad`` of
+the loss with respect to its input tensor (no gradient accumulation).
+
+Peak memory ("peak MiB") is the peak, during one call, of the tensor memory allocated *in addition to* what was
+allocated before the call (inputs, parameters, optimizer state are therefore not counted; gradients and
+activations created in the call are). On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation at
+the start; on CPU it is the running sum of the allocation and free events that ``torch.profiler`` records with
+``profile_memory=True``, in time order (one extra, profiled call; the allocator's caching and the process's RSS
+are not included; a block allocated before the call and freed in it is not recorded, so the number can only err
+upwards by such blocks).
+
+Examples::
+
+    PYTHONPATH=bundle python -m scripts.benchmark                       # all three, reduced step size (~3 min, 2 CPUs)
+    PYTHONPATH=bundle python -m scripts.benchmark --paper               # the step share at 192 x 192
+    PYTHONPATH=bundle python -m scripts.benchmark --parts step --image_size 128 --output runs/bench.json
+    PYTHONPATH=bundle python -m scripts.benchmark --device cuda --global_batch_sizes "[32,64,128,256,512]"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from scripts.engines import ContrastiveViews, MetadataLoss, trainable_parameters
+from scripts.losses import GLOBAL_STRATEGIES, LOCAL_STRATEGIES, GlobalContrastiveLoss, LocalContrastiveLoss
+from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D
+from scripts.transforms import RandBrightnessContrast, RandCropResize
+
+__all__ = [
+    "measure_time",
+    "measure_peak_memory",
+    "partition_batch_metadata",
+    "bench_global_loss",
+    "bench_local_loss",
+    "bench_step_share",
+    "format_table",
+    "environment",
+    "main",
+]
+
+PARTS = ("global", "local", "step")
+MIB = 2.0**20
+MEMORY_NOTE = (
+    "peak MiB = peak tensor memory allocated during one call above what was allocated before it "
+    "({how}); inputs, parameters and optimizer state excluded."
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_time(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    repeats: int = 10,
+    warmup: int = 2,
+    max_seconds: float | None = None,
+) -> tuple[float, int]:
+    """Median wall-clock time of ``fn()`` in milliseconds, and the number of timed calls.
+
+    ``warmup`` untimed calls first; then up to ``repeats`` timed calls, stopping early once ``max_seconds`` have
+    passed and at least 3 calls (or ``repeats`` if fewer) were timed. On CUDA every call is bracketed by
+    ``torch.cuda.synchronize``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        enough = len(times) >= min(3, repeats)
+        if max_seconds is not None and enough and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times) * 1e3, len(times)
+
+
+def _cpu_allocation_events(prof) -> list[tuple[int, int]]:
+    """(time ns, bytes; negative for a free) of every CPU allocation event a memory-profiling run recorded."""
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            events.append((node.start_time_ns, int(fields.alloc_size)))
+        stack.extend(node.children)
+    return sorted(events)
+
+
+# native log lines the CPU profiler writes on every start/stop (kineto), and the allocator's note that a block
+# allocated before the profiled call was freed in it (its free is then not counted: the peak can only err upwards)
+_PROFILER_NOISE = ("USDT:", "Memory block of unknown size was allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def _filtered_native_stderr():
+    """Capture file descriptor 2 (native and Python stderr) and re-emit it without the profiler's log noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. an embedded interpreter): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(marker in line for marker in _PROFILER_NOISE):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def measure_peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Peak bytes of tensor memory allocated during one call of ``fn()`` above what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` (at the start). CPU: the maximum
+    of the running sum of the allocations and frees ``torch.profiler`` records (``profile_memory=True``); NaN if
+    this torch's profiler does not expose them.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _filtered_native_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    try:
+        events = _cpu_allocation_events(prof)
+    except (AttributeError, RuntimeError):  # a torch whose profiler lacks the event tree
+        return float("nan")
+    running = peak = 0
+    for _, size in events:
+        running += size
+        peak = max(peak, running)
+    return float(peak)
+
+
+def _memory_note(device: torch.device) -> str:
+    how = (
+        "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "CPU: running sum of torch.profiler allocation events, one profiled call"
+    )
+    return MEMORY_NOTE.format(how=how)
+
+
+def _progress(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _loss_fn_and_grad(loss: nn.Module, inputs: Tensor, metadata: dict[str, Tensor]) -> Callable[[], None]:
+    """A closure running the loss forward and its backward to ``inputs`` (torch.autograd.grad, no accumulation)."""
+    call = MetadataLoss(loss)
+
+    def run() -> None:
+        value = call(inputs, metadata)
+        torch.autograd.grad(value, inputs)
+
+    return run
+
+
+def _time_and_memory(fn, device, repeats, warmup, max_seconds) -> dict:
+    time_ms, reps = measure_time(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+    peak = measure_peak_memory(fn, device)
+    return {"time_ms": time_ms, "reps": reps, "peak_mib": peak / MIB}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def partition_batch_metadata(
+    num_slices: int,
+    num_partitions: int = 4,
+    num_views: int = 2,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Metadata of a partition-aware batch of ``num_slices`` slices, each in ``num_views`` views (view-major).
+
+    Slice s comes from volume ``s // num_partitions`` and partition ``s % num_partitions`` (so a multiple of S
+    slices is M whole volumes x S partitions, as :class:`~scripts.sampler.PartitionBatchSampler` draws them);
+    its position is drawn uniformly inside its partition. Keys: volume, partition, sample, position, each of
+    length ``num_slices * num_views``, ordered as :class:`~scripts.engines.ContrastiveViews` orders them.
+    """
+    if num_slices < 1 or num_partitions < 1 or num_views < 1:
+        raise ValueError(f"need positive sizes, got {num_slices=}, {num_partitions=}, {num_views=}.")
+    g = torch.Generator().manual_seed(seed)
+    slices = torch.arange(num_slices)
+    partition = slices % num_partitions
+    meta = {
+        "volume": slices // num_partitions,
+        "partition": partition,
+        "sample": slices,
+        "position": (partition + torch.rand(num_slices, generator=g, dtype=torch.float64)) / num_partitions,
+    }
+    return {key: value.repeat(num_views).to(device) for key, value in meta.items()}
+
+
+def _slices_for(num_images: int, num_views: int) -> int:
+    if num_images % num_views:
+        raise ValueError(f"a batch of {num_images} images is not a whole number of slices x {num_views} views.")
+    return num_images // num_views
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. global loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_global_loss(
+    batch_sizes: Sequence[int] = (16, 32, 48, 96, 192),
+    strategies: Sequence[str] = GLOBAL_STRATEGIES,
+    features: int = 128,
+    num_partitions: int = 4,
+    num_views: int = 2,
+    temperature: float = 0.1,
+    device: torch.device | str = "cpu",
+    repeats: int = 20,
+    warmup: int = 3,
+    max_seconds: float = 2.0,
+    seed: int = 0,
+    quiet: bool = False,
+) -> list[dict]:
+    """Forward + backward time and peak memory of ``GlobalContrastiveLoss`` per strategy and batch size.
+
+    ``batch_sizes`` count images N = M volumes x ``num_partitions`` x ``num_views``; each must be a multiple of
+    ``num_partitions * num_views``. Returns one row per (strategy, N): strategy, images, volumes, features,
+    positive_pairs, time_ms, reps, peak_mib.
+    """
+    device = torch.device(device)
+    rows = []
+    for n in batch_sizes:
+        per_volume = num_partitions * num_views
+        if n % per_volume:
+            raise ValueError(f"global batch size {n} is not M volumes x {num_partitions} partitions x {num_views} "
+                             "views.")
+        meta = partition_batch_metadata(n // num_views, num_partitions, num_views, device, seed)
+        g = torch.Generator().manual_seed(seed)
+        embeddings = torch.randn(n, features, generator=g).to(device).requires_grad_(True)
+        for strategy in strategies:
+            loss = GlobalContrastiveLoss(strategy, temperature=temperature, gather_distributed=False)
+            result = _time_and_memory(_loss_fn_and_grad(loss, embeddings, meta), device, repeats, warmup, max_seconds)
+            positives = _global_positive_pairs(strategy, meta, loss.position_threshold)
+            row = {"strategy": strategy, "images": n, "volumes": n // per_volume, "features": features,
+                   "positive_pairs": positives, **result}
+            rows.append(row)
+            _progress(f"[global] {strategy:<12} N={n:<4} {row['time_ms']:9.3f} ms  {row['peak_mib']:8.3f} MiB", quiet)
+    return rows
+
+
+def _global_positive_pairs(strategy: str, meta: dict[str, Tensor], threshold: float) -> int:
+    from scripts.losses import global_pair_masks
+
+    positive, _ = global_pair_masks(strategy, meta["volume"], meta["partition"], meta["sample"], meta["position"],
+                                    threshold)
+    return int(positive.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. local loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_local_loss(
+    batch_sizes: Sequence[int] = (12, 24, 48),
+    strategies: Sequence[str] = LOCAL_STRATEGIES,
+    grid_regions: Sequence[int] = (13, 25),
+    dense_regions: Sequence[int] = (13, 64, 256),
+    channels: int = 64,
+    feature_size: int = 48,
+    region_size: int = 3,
+    num_partitions: int = 4,
+    num_views: int = 2,
+    temperature: float = 0.1,
+    device: torch.device | str = "cpu",
+    repeats: int = 10,
+    warmup: int = 2,
+    max_seconds: float = 2.0,
+    seed: int = 0,
+    quiet: bool = False,
+) -> list[dict]:
+    """Forward + backward time and peak memory of ``LocalContrastiveLoss`` per strategy, region mode, batch size
+    (images = slices x ``num_views``) and region count K, on (N, ``channels``, ``feature_size``, ``feature_size``)
+    maps. Dense-mode anchors are drawn once per configuration (seeded) and fixed for its repeats.
+
+    Returns one row per configuration: strategy, mode, regions, images, time_ms, reps, peak_mib.
+    """
+    device = torch.device(device)
+    configs = [("grid", k) for k in grid_regions] + [("dense", k) for k in dense_regions]
+    rows = []
+    for n in batch_sizes:
+        meta = partition_batch_metadata(_slices_for(n, num_views), num_partitions, num_views, device, seed)
+        g = torch.Generator().manual_seed(seed)
+        features = torch.randn(n, channels, feature_size, feature_size, generator=g).to(device).requires_grad_(True)
+        for strategy in strategies:
+            for mode, k in configs:
+                loss = LocalContrastiveLoss(strategy, temperature, region_size, mode, k, gather_distributed=False)
+                torch.manual_seed(seed)
+                centres = loss.region_centres(feature_size, feature_size, device)
+
+                def run(loss=loss, centres=centres) -> None:
+                    value = loss(features, meta["volume"], meta["partition"], meta["sample"], centres=centres)
+                    torch.autograd.grad(value, features)
+
+                result = _time_and_memory(run, device, repeats, warmup, max_seconds)
+                row = {"strategy": strategy, "mode": mode, "regions": k, "images": n, "channels": channels,
+                       "feature_size": feature_size, **result}
+                rows.append(row)
+                _progress(
+                    f"[local]  {strategy:<7} {mode:<5} K={k:<4} N={n:<3} {row['time_ms']:9.2f} ms  "
+                    f"{row['peak_mib']:9.2f} MiB",
+                    quiet,
+                )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. the loss's share of a training step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Compose:
+    """Apply batch augmentations in order (a picklable stand-in for monai's Compose on tensors)."""
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+
+    def __call__(self, x: Tensor) -> Tensor:
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+
+def _parse_local_variant(variant: str) -> tuple[str, str, int]:
+    try:
+        strategy, mode, regions = str(variant).split("/")
+        return strategy, mode, int(regions)
+    except ValueError:
+        raise ValueError(f"a local variant is 'strategy/mode/regions', e.g. 'random/grid/13', got {variant!r}.")
+
+
+def bench_step_share(
+    image_size: int = 64,
+    global_strategies: Sequence[str] = GLOBAL_STRATEGIES,
+    local_variants: Sequence[str] = ("random/grid/13", "domain/grid/13", "random/dense/13", "domain/dense/13"),
+    global_volumes: int = 4,
+    local_volumes: int = 3,
+    num_partitions: int = 4,
+    num_views: int = 2,
+    decoder_blocks: int = 3,
+    region_size: int = 3,
+    temperature: float = 0.1,
+    learning_rate: float = 1e-3,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    loss_repeats: int = 20,
+    max_seconds: float = 20.0,
+    seed: int = 0,
+    quiet: bool = False,
+) -> list[dict]:
+    """Time of a whole pre-training step vs the loss alone, per loss variant, for the global and local stage.
+
+    Global stage: ``GlobalContrastiveNet`` (the reference U-Net encoder + g1 1024 -> 128) on ``global_volumes``
+    x ``num_partitions`` slices x ``num_views`` views of ``image_size``^2, augmented with random crop + resize and
+    brightness/contrast; local stage: ``LocalContrastiveNet(decoder_blocks)`` with the frozen encoder on
+    ``local_volumes`` x ``num_partitions`` slices x ``num_views`` brightness/contrast views. A step = augment,
+    forward, loss, backward, Adam step (gradients are released with ``zero_grad(set_to_none=True)`` at the end
+    of the step so the peak memory covers the gradients the step creates). The loss alone = forward + backward
+    of the same loss on a random tensor of the network output's shape.
+
+    ``local_variants`` are ``"strategy/mode/regions"`` strings. Returns one row per variant: stage, strategy,
+    mode, regions, images, image_size, loss_input, step_ms, loss_ms, share_pct, step_peak_mib, loss_peak_mib.
+    """
+    device = torch.device(device)
+    rows = []
+    stages = [("global", s, None, None) for s in global_strategies]
+    stages += [("local", *_parse_local_variant(v)) for v in local_variants]
+    for stage, strategy, mode, regions in stages:
+        torch.manual_seed(seed)
+        unet = UNet2D(1, 4).to(device)
+        volumes = global_volumes if stage == "global" else local_volumes
+        num_slices = volumes * num_partitions
+        meta = partition_batch_metadata(num_slices, num_partitions, 1, device, seed)
+        batch = {"image": torch.rand(num_slices, 1, image_size, image_size, device=device), **meta}
+        if stage == "global":
+            net = GlobalContrastiveNet(unet, image_size).to(device)
+            augment = _Compose(RandCropResize(area=0.27), RandBrightnessContrast())
+            loss = GlobalContrastiveLoss(strategy, temperature=temperature, gather_distributed=False)
+        else:
+            net = LocalContrastiveNet(unet, decoder_blocks).to(device)
+            augment = RandBrightnessContrast()
+            loss = LocalContrastiveLoss(strategy, temperature, region_size, mode, regions, gather_distributed=False)
+        for i, t in enumerate(getattr(augment, "transforms", (augment,))):
+            t.set_random_state(seed + i)
+        net.train()
+        prepare = ContrastiveViews(augment, num_views=num_views)
+        criterion = MetadataLoss(loss)
+        optimizer = torch.optim.Adam(trainable_parameters(net), lr=learning_rate)
+
+        def step(net=net, prepare=prepare, criterion=criterion, optimizer=optimizer, batch=batch) -> None:
+            views, metadata = prepare(batch, device)
+            criterion(net(views), metadata).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        images = num_slices * num_views
+        _progress(f"[step]   {stage:<6} {strategy:<12} {mode or '':<5} {regions or '':<3} {image_size}px x {images}: "
+                  f"timing the step ...", quiet)
+        step_ms, step_reps = measure_time(step, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+        step_peak = measure_peak_memory(step, device)
+        with torch.no_grad():
+            views, metadata = prepare(batch, device)
+            output_shape = tuple(net(views).shape)
+        del views
+        g = torch.Generator().manual_seed(seed)
+        loss_input = torch.randn(output_shape, generator=g).to(device).requires_grad_(True)
+        loss_ms, loss_reps = measure_time(_loss_fn_and_grad(loss, loss_input, metadata), device,
+                                          repeats=loss_repeats, warmup=2, max_seconds=max_seconds)
+        loss_peak = measure_peak_memory(_loss_fn_and_grad(loss, loss_input, metadata), device)
+        row = {
+            "stage": stage, "strategy": strategy, "mode": mode, "regions": regions, "images": images,
+            "image_size": image_size, "loss_input": "x".join(map(str, output_shape)),
+            "step_ms": step_ms, "step_reps": step_reps, "loss_ms": loss_ms, "loss_reps": loss_reps,
+            "share_pct": 100.0 * loss_ms / step_ms,
+            "step_peak_mib": step_peak / MIB, "loss_peak_mib": loss_peak / MIB,
+        }
+        rows.append(row)
+        _progress(f"[step]   {stage:<6} {strategy:<12} step {step_ms:9.1f} ms, loss {loss_ms:8.2f} ms "
+                  f"-> {row['share_pct']:.2f}%", quiet)
+        del net, optimizer, unet, loss_input
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table: ``columns`` are (key, header, format spec); text left-aligned, numbers right-aligned,
+    None shown as "-"."""
+    def cell(value, spec) -> str:
+        return "-" if value is None else format(value, spec) if spec else str(value)
+
+    cells = [[cell(row[key], spec) for key, _, spec in columns] for row in rows]
+    headers = [header for _, header, _ in columns]
+    numeric = [all(isinstance(row[key], (int, float)) and not isinstance(row[key], bool)
+                   for row in rows if row[key] is not None) for key, _, _ in columns]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+
+    def line(values) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(c) for c in cells])
+
+
+GLOBAL_COLUMNS = [("strategy", "strategy", ""), ("images", "N", "d"), ("volumes", "M", "d"),
+                  ("positive_pairs", "pos. pairs", "d"), ("time_ms", "fwd+bwd ms", ".3f"),
+                  ("peak_mib", "peak MiB", ".3f"), ("reps", "reps", "d")]
+LOCAL_COLUMNS = [("strategy", "strategy", ""), ("mode", "mode", ""), ("regions", "K", "d"), ("images", "N", "d"),
+                 ("time_ms", "fwd+bwd ms", ".2f"), ("peak_mib", "peak MiB", ".2f"), ("reps", "reps", "d")]
+STEP_COLUMNS = [("stage", "stage", ""), ("strategy", "strategy", ""), ("mode", "mode", ""), ("regions", "K", "d"),
+                ("images", "images", "d"), ("loss_input", "loss input", ""), ("step_ms", "step ms", ".1f"),
+                ("loss_ms", "loss ms", ".2f"), ("share_pct", "loss share %", ".2f"),
+                ("step_peak_mib", "step peak MiB", ".1f"), ("loss_peak_mib", "loss peak MiB", ".1f")]
+
+
+class _OtherCpuLoad:
+    """Share of the machine's CPU time that *other* processes used between ``start()`` and ``stop()`` (Linux
+    ``/proc``; None elsewhere): timings are only trustworthy when it stays near 0."""
+
+    def _read(self) -> tuple[int, int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(fields[:8]), sum(fields[:8]) - idle, int(own[11]) + int(own[12])  # total, busy, utime + stime
+
+    def start(self) -> None:
+        try:
+            self.begin = self._read()
+        except (OSError, ValueError, IndexError):
+            self.begin = None
+
+    def stop(self) -> float | None:
+        if self.begin is None:
+            return None
+        try:
+            end = self._read()
+        except (OSError, ValueError, IndexError):
+            return None
+        total, busy, own = (e - b for e, b in zip(end, self.begin))
+        return max(0.0, 100.0 * (busy - own) / total) if total > 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, torch version and thread count of this run."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
+
+
+def _write_output(path: str, env: dict, results: dict[str, list[dict]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    if path.endswith(".csv"):
+        keys: list[str] = ["benchmark"]
+        for rows in results.values():
+            for row in rows:
+                keys += [k for k in row if k not in keys]
+        keys += [k for k in env if k not in keys]
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            for name, rows in results.items():
+                for row in rows:
+                    writer.writerow({"benchmark": name, **env, **row})
+    else:
+        with open(tmp, "w") as f:
+            json.dump({"environment": env, **results}, f, indent=2, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def _as_tuple(value, cast=int) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(cast(v) for v in value)
+    if isinstance(value, str):
+        return tuple(cast(v) for v in value.replace("[", "").replace("]", "").replace("(", "").replace(")", "")
+                     .split(",") if v.strip())
+    return (cast(value),)
+
+
+def main(
+    parts: str | Sequence[str] = PARTS,
+    device: str = "auto",
+    threads: int | None = None,
+    paper: bool = False,
+    image_size: int | None = None,
+    global_batch_sizes: Sequence[int] = (16, 32, 48, 96, 192),
+    local_batch_sizes: Sequence[int] = (12, 24, 48),
+    grid_regions: Sequence[int] = (13, 25),
+    dense_regions: Sequence[int] = (13, 64, 256),
+    feature_size: int = 48,
+    channels: int = 64,
+    global_strategies: Sequence[str] = GLOBAL_STRATEGIES,
+    local_strategies: Sequence[str] = LOCAL_STRATEGIES,
+    local_variants: Sequence[str] = ("random/grid/13", "domain/grid/13", "random/dense/13", "domain/dense/13"),
+    repeats: int = 10,
+    step_repeats: int = 3,
+    max_seconds: float = 2.0,
+    seed: int = 0,
+    output: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Run the benchmarks and print their tables (progress goes to stderr).
+
+    Args:
+        parts: any of "global", "local", "step" (comma-separated or a list); all by default.
+        device: "auto" (cuda when available), "cpu" or "cuda[:i]".
+        threads: torch intra-op threads (default: torch's choice).
+        paper: the step share at the paper's 192 x 192 slices (sets ``image_size`` to 192 unless given).
+        image_size: slice size of the step share (a multiple of 32); default 64 (reduced, fast on a CPU).
+        global_batch_sizes: images N of the global sweep (multiples of 8 = 4 partitions x 2 views).
+        local_batch_sizes: images N of the local sweep (even: slices x 2 views).
+        grid_regions / dense_regions: region counts K of the local sweep per mode.
+        feature_size / channels: the local sweep's feature maps (default 64 x 48 x 48: block 3 at 192 x 192).
+        global_strategies / local_strategies: strategies of the sweeps (and of the global step share).
+        local_variants: "strategy/mode/regions" of the local step share.
+        repeats: timed calls per loss configuration (median reported), fewer once ``max_seconds`` passed.
+        step_repeats: timed steps per step-share row.
+        max_seconds: time budget per loss configuration before repeats are cut (steps: 10 x this).
+        output: also write the results to this .json or .csv file.
+        quiet: no progress lines.
+
+    Returns:
+        {"environment": ..., "global_loss": rows, "local_loss": rows, "step_share": rows} (parts run only).
+    """
+    parts = _as_tuple(parts, str)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"parts must be among {PARTS}, got {unknown}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    image_size = int(image_size) if image_size is not None else (192 if paper else 64)
+    env = environment(device)
+    common = {"device": device, "seed": seed, "quiet": quiet}
+    print(f"Contrastive loss benchmark: device {env['device']} ({env['device_name']}), torch {env['torch']}, "
+          f"{env['threads']} threads")
+    print(_memory_note(device))
+    results: dict[str, list[dict]] = {}
+    started = time.perf_counter()
+    other_load = _OtherCpuLoad()
+    other_load.start()
+
+    if "global" in parts:
+        rows = bench_global_loss(_as_tuple(global_batch_sizes), _as_tuple(global_strategies, str), repeats=2 * repeats,
+                                 max_seconds=max_seconds, **common)
+        results["global_loss"] = rows
+        print("\nGlobalContrastiveLoss, forward + backward: embeddings N x 128, N = M volumes x 4 partitions x 2 views,"
+              " tau = 0.1")
+        print(format_table(rows, GLOBAL_COLUMNS))
+
+    if "local" in parts:
+        rows = bench_local_loss(_as_tuple(local_batch_sizes), _as_tuple(local_strategies, str),
+                                _as_tuple(grid_regions), _as_tuple(dense_regions), channels=channels,
+                                feature_size=feature_size, repeats=repeats, max_seconds=max_seconds, **common)
+        results["local_loss"] = rows
+        print(f"\nLocalContrastiveLoss, forward + backward: feature maps N x {channels} x {feature_size} x "
+              f"{feature_size}, 3x3 regions, K anchor regions per image (dense: every other window a negative)")
+        print(format_table(rows, LOCAL_COLUMNS))
+
+    if "step" in parts:
+        rows = bench_step_share(image_size, _as_tuple(global_strategies, str), _as_tuple(local_variants, str),
+                                repeats=step_repeats, max_seconds=10 * max_seconds, **common)
+        results["step_share"] = rows
+        label = "the paper's size" if image_size == 192 else "reduced size; --paper for 192 x 192"
+        print(f"\nLoss share of a pre-training step at {image_size} x {image_size} ({label}): global = encoder + g1,"
+              f" 4 volumes x 4 partitions x 2 views; local = frozen encoder + decoder blocks 1-3 + g2, 12 slices x 2"
+              f" views; step = augment + forward + loss + backward + Adam")
+        print(format_table(rows, STEP_COLUMNS))
+        worst = max(rows, key=lambda r: r["share_pct"])
+        verdict = "under" if worst["share_pct"] < 10.0 else "NOT under"
+        which = " ".join(str(worst[k]) for k in ("stage", "strategy", "mode", "regions") if worst[k] is not None)
+        print(f"Largest loss share: {worst['share_pct']:.2f}% ({which}) -> {verdict} the 10% target.")
+
+    others = other_load.stop()
+    env["other_processes_cpu_pct"] = others
+    busy = "" if others is None else (
+        f"; other processes used {others:.1f}% of the machine's CPU time meanwhile"
+        + (" -- the timings are disturbed, rerun on an idle machine" if others > 5.0 else ""))
+    print(f"\n(total {time.perf_counter() - started:.0f} s{busy})")
+    if output:
+        _write_output(output, env, results)
+        print(f"results written to {output}")
+    return {"environment": env, **results}
+
+
+def _cli() -> None:
+    import fire
+
+    fire.Fire(main, serialize=lambda _: None)  # the tables are the output; do not print the returned dict
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,43 @@
+"""Command line helpers around the bundle's workflows (``PYTHONPATH=bundle python -m scripts.cli <command>``).
+
+The stages themselves run through ``python -m monai.bundle run``; these commands only look at their outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fire
+
+from scripts.report import dice_table, plot_curves
+
+
+def compare(results: dict, output: str | None = None) -> None:
+    """Print (and write to ``output``) a table of 3D test Dice per class: ``results`` maps a name to an evaluation
+    directory written by evaluate.yaml, e.g. ``--results "{'random': 'bundle/eval/random_init/test'}"``."""
+    table = dice_table(results)
+    print(table)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        tmp = output + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("3D Dice on the test volumes (mean ± std over volumes)\n\n" + table + "\n")
+        os.replace(tmp, output)
+
+
+
+def curves(output: str, **curves: str) -> None:
+    """Plot training curves from TensorBoard logs to a PNG: each ``--name=log_dir:tag`` gives one panel, e.g.
+    ``--global_loss=bundle/eval/pretrain_global:global_loss``."""
+    if not curves:
+        raise ValueError("give at least one curve as --name=log_dir:tag")
+    panels = {name.replace("_", " "): tuple(spec.rsplit(":", 1)) for name, spec in curves.items()}
+    print(plot_curves(panels, output))
+
+
+def main() -> None:
+    fire.Fire({"compare": compare, "curves": curves})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Tables from evaluation results: the per-volume Dice CSVs that ``evaluate.yaml`` writes with ``MetricsSaver``.
+
+``<evaluation_dir>/test_mean_dice_raw.csv`` has one row per volume: ``filename, class0, class1, ..., mean`` where
+``classK`` is the 3D Dice of foreground class K+1 on the volume's native grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+DICE_CSV = "test_mean_dice_raw.csv"
+METADATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "metadata.json")
+
+
+def foreground_class_names(metadata_file: str = METADATA) -> list[str]:
+    """Names of the foreground classes, in order, from ``outputs.pred.channel_def`` of the bundle metadata."""
+    with open(metadata_file) as f:
+        channels = json.load(f)["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return [channels[k] for k in sorted(channels, key=int) if int(k) > 0]
+
+
+def read_dice(evaluation_dir: str) -> np.ndarray:
+    """(volumes, classes) Dice per volume and foreground class from ``evaluation_dir``; NaN where undefined."""
+    path = os.path.join(evaluation_dir, DICE_CSV)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run the evaluation (evaluate.yaml) first.")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} holds no volume.")
+    columns = sorted((c for c in rows[0] if c.startswith("class")), key=lambda c: int(c[5:]))
+    return np.array([[float(r[c]) for c in columns] for r in rows], dtype=float)
+
+
+def dice_table(results: Mapping[str, str], class_names: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per named result (name -> evaluation_dir), mean +- std over volumes per class
+    and of the per-volume mean over classes."""
+    class_names = list(class_names or foreground_class_names())
+    header = ["initialisation", "volumes", *class_names, "mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, directory in results.items():
+        dice = read_dice(directory)
+        if dice.shape[1] != len(class_names):
+            raise ValueError(f"{directory}: {dice.shape[1]} classes in the CSV, {len(class_names)} names given.")
+        per_volume = np.nanmean(dice, axis=1)
+        cells = [f"{np.nanmean(c):.3f} ± {np.nanstd(c):.3f}" for c in (*dice.T, per_volume)]
+        lines.append("| " + " | ".join([name, str(len(dice)), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def read_scalars(log_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the scalar ``tag`` in the TensorBoard event files of ``log_dir`` (as the handlers wrote them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        raise KeyError(f"{log_dir} has no scalar '{tag}'; it has: {', '.join(events.Tags()['scalars'])}.")
+    scalars = events.Scalars(tag)
+    return np.array([s.step for s in scalars]), np.array([s.value for s in scalars])
+
+
+def plot_curves(curves: Mapping[str, tuple[str, str]], output: str, smooth: int = 25) -> str:
+    """One panel per curve: ``{title: (log_dir, tag)}`` -> a PNG at ``output`` (raw values and a running mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
+    for ax, (title, (log_dir, tag)) in zip(axes[0], curves.items()):
+        steps, values = read_scalars(log_dir, tag)
+        ax.plot(steps, values, color="0.75", linewidth=0.8, label="per iteration")
+        if len(values) >= smooth:
+            kernel = np.ones(smooth) / smooth
+            ax.plot(steps[smooth - 1 :], np.convolve(values, kernel, mode="valid"), label=f"mean of {smooth}")
+        ax.set(title=title, xlabel="iteration", ylabel=tag)
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

@@ -1,0 +1,91 @@
+"""The reference U-Net, the projection heads, the frozen encoder of the local stage and pre-trained loading."""
+
+import pytest
+import torch
+
+from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D, load_pretrained
+
+TINY = {"encoder_channels": (4, 8, 8, 8, 8, 8), "decoder_channels": (8, 8, 8, 8, 4)}
+
+
+def test_reference_unet_shapes():
+    net = UNet2D(1, 4)
+    x = torch.rand(2, 1, 192, 192)
+    features = net.encode(x)
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (16, 192, 192), (32, 96, 96), (64, 48, 48), (128, 24, 24), (128, 12, 12), (128, 6, 6)
+    ]
+    assert net.decode(features, 3).shape == (2, 64, 48, 48)  # decoder block l = 3 of method.md
+    assert net(x).shape == (2, 4, 192, 192)
+
+
+def test_tiny_widths_and_validation():
+    net = UNet2D(1, 3, **TINY)
+    assert net(torch.rand(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="decoder_channels"):
+        UNet2D(1, 3, encoder_channels=(4, 8, 8), decoder_channels=(8,))
+    with pytest.raises(ValueError, match="image_size"):
+        GlobalContrastiveNet(net, image_size=48)
+    with pytest.raises(ValueError, match="decoder_blocks"):
+        LocalContrastiveNet(net, decoder_blocks=6)
+
+
+def test_global_head_embeddings():
+    net = GlobalContrastiveNet(UNet2D(1, 4, **TINY), image_size=64, hidden_features=32, out_features=16)
+    assert net(torch.rand(5, 1, 64, 64)).shape == (5, 16)
+
+
+def test_local_stage_freezes_encoder_weights_and_batchnorm_statistics():
+    unet = UNet2D(1, 4, **TINY)
+    local = LocalContrastiveNet(unet, decoder_blocks=3).train()
+    assert not any(p.requires_grad for p in unet.encoder.parameters())
+    assert all(p.requires_grad for p in unet.decoder[:3].parameters())
+    assert not unet.encoder.training and unet.decoder.training
+    before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
+    out = local(torch.rand(4, 1, 64, 64))
+    assert out.shape == (4, 8, 16, 16)
+    out.square().mean().backward()
+    for k, v in unet.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), f"encoder state {k} changed"
+    assert all(p.grad is None for p in unet.encoder.parameters())
+
+
+def test_load_pretrained_copies_encoder_and_first_decoder_blocks_only(tmp_path):
+    source = UNet2D(1, 4, **TINY)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.fill_(0.5)
+    source.encoder[0][1].running_mean.fill_(3.0)
+    path = tmp_path / "pretrained.pt"
+    torch.save(source.state_dict(), path)
+    target = UNet2D(1, 4, **TINY)
+    untouched = {k: v.clone() for k, v in target.state_dict().items()}
+    load_pretrained(target, str(path), decoder_blocks=2)
+    state = target.state_dict()
+    for k, v in state.items():
+        if k.startswith(("encoder.", "decoder.0.", "decoder.1.")):
+            assert torch.equal(v, source.state_dict()[k]), k
+        else:
+            assert torch.equal(v, untouched[k]), k
+    assert torch.all(state["encoder.0.1.running_mean"] == 3.0)  # BatchNorm statistics come along
+
+
+def test_load_pretrained_errors_and_random_init(tmp_path):
+    net = UNet2D(1, 4, **TINY)
+    assert load_pretrained(net, None) is net
+    other = tmp_path / "other.pt"
+    torch.save(UNet2D(1, 4).state_dict(), other)  # reference widths: shapes differ
+    with pytest.raises(ValueError, match="shaped unlike"):
+        load_pretrained(net, str(other))
+    empty = tmp_path / "empty.pt"
+    torch.save({"out_conv.weight": torch.zeros(1)}, empty)
+    with pytest.raises(ValueError, match="no encoder weights"):
+        load_pretrained(net, str(empty))
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(net, str(tmp_path / "missing.pt"))
+
+
+def test_torchscript_matches_eager():
+    net = UNet2D(1, 4, **TINY).eval()
+    x = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x))

@@ -1,0 +1,99 @@
+"""Pre-processing with known answers, and the pre-training tensor augmentations."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Invertd
+
+from scripts.transforms import RandBrightnessContrast, RandCropResize, RandRotateStepd, preprocessing
+
+
+def _write(path, array, spacing):
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
+    return str(path)
+
+
+@pytest.fixture
+def square_volume(tmp_path):
+    """A 40 mm bright square centred in a 128 x 96 x 5 volume of 1 x 1 x 8 mm voxels, with a known intensity ramp."""
+    image = np.zeros((128, 96, 5), np.float32)
+    image[44:84, 28:68] = 100.0
+    image += np.linspace(0, 1, 5, dtype=np.float32)  # slice-wise offset, tiny next to the square
+    label = np.zeros((128, 96, 5), np.uint8)
+    label[44:84, 28:68] = 2
+    return {"image": _write(tmp_path / "img.nii.gz", image, (1, 1, 8)),
+            "label": _write(tmp_path / "lab.nii.gz", label, (1, 1, 8))}
+
+
+def test_resampling_keeps_physical_size_and_slices(square_volume):
+    out = preprocessing(image_size=32, spacing=2.0)(square_volume)
+    image, label = out["image"], out["label"]
+    assert image.shape == (1, 32, 32, 5) and label.shape == (1, 32, 32, 5)  # z is not resampled
+    assert torch.allclose(torch.abs(torch.diag(image.affine))[:3], torch.tensor([2.0, 2.0, 8.0], dtype=torch.float64))
+    # 40 mm at 2 mm/px = 20 x 20 pixels, centred after the 64 x 48 grid is centre-cropped/padded to 32 x 32
+    area = (label[0, :, :, 2] == 2).sum().item()
+    assert area == 20 * 20
+    rows = torch.nonzero(label[0, :, :, 2] == 2)[:, 0]
+    assert abs(rows.float().mean().item() - 15.5) <= 0.5
+    assert set(torch.unique(label).tolist()) == {0, 2}  # nearest interpolation
+
+
+def test_percentile_normalisation(square_volume):
+    image = preprocessing(image_size=32, spacing=2.0, keys=("image",))(square_volume)["image"]
+    values = image.flatten()
+    assert torch.quantile(values, 0.01).item() == pytest.approx(0.0, abs=1e-3)
+    assert torch.quantile(values, 0.99).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_inverse_restores_native_grid(square_volume):
+    pre = preprocessing(image_size=32, spacing=2.0, keys=("image",))
+    data = pre({"image": square_volume["image"]})
+    data["pred"] = data["image"].clone()
+    restored = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
+    assert restored.shape == (1, 128, 96, 5)
+    native = nib.load(square_volume["image"]).get_fdata()
+    inside = restored[0, 50:78, 34:62, 2]
+    assert inside.min() > 0.9 and native[50:78, 34:62, 2].min() == pytest.approx(100.5)
+
+
+def test_crop_resize_identity_at_full_area_and_zoom_otherwise():
+    x = torch.rand(6, 1, 32, 32)
+    torch.testing.assert_close(RandCropResize(area=1.0)(x), x, atol=1e-5, rtol=0)
+    crop = RandCropResize(area=0.25)
+    crop.set_random_state(0)
+    y = crop(torch.arange(32.0).repeat(6, 1, 32, 1))  # a ramp: a crop of half the side, resized back, halves its slope
+    slope = (y[:, 0, 16, 20] - y[:, 0, 16, 10]) / 10
+    torch.testing.assert_close(slope, torch.full((6,), 0.5), atol=0.02, rtol=0)
+    with pytest.raises(ValueError):
+        RandCropResize(area=0.0)
+
+
+def test_brightness_contrast_per_slice_and_clipped():
+    aug = RandBrightnessContrast()
+    aug.set_random_state(1)
+    y = aug(torch.rand(16, 1, 8, 8))
+    assert y.shape == (16, 1, 8, 8) and y.min() >= 0.0 and y.max() <= 1.5
+    assert y.mean(dim=(1, 2, 3)).std() > 0.05  # independent draws per slice
+    again = RandBrightnessContrast()
+    again.set_random_state(1)
+    x = torch.rand(16, 1, 8, 8)
+    aug.set_random_state(1)
+    torch.testing.assert_close(aug(x), again(x))  # seeded like any MONAI Randomizable
+
+
+def test_rotate_step_keeps_labels_and_rotates_by_multiples_of_the_step():
+    image = torch.zeros(1, 16, 16)
+    image[0, 2:6, 7:9] = 1.0  # a bar above the centre
+    label = (image > 0).to(torch.uint8)
+    rot = RandRotateStepd(["image", "label"], step_degrees=90)
+    rot.set_random_state(3)
+    k = np.random.RandomState(3).randint(1, 4)
+    out = rot({"image": image, "label": label})
+    expected = torch.rot90(label, k=k, dims=(1, 2))
+    assert set(torch.unique(out["label"]).tolist()) <= {0, 1}
+    assert torch.equal(torch.as_tensor(out["label"]).to(torch.uint8), expected) or torch.equal(
+        torch.as_tensor(out["label"]).to(torch.uint8), torch.rot90(label, k=-k, dims=(1, 2))
+    )
+    with pytest.raises(ValueError):
+        RandRotateStepd(["image"], step_degrees=50)

@@ -1,0 +1,123 @@
+"""End to end through `python -m monai.bundle run`, from a directory outside the bundle, with a tiny network:
+prepare -> pretrain (global then local) -> fine-tune -> evaluate -> infer; plus MONAI's own bundle checks."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "bundle", "configs")
+SCHEMA = os.path.join(ROOT, "..", "shared", "schema", "meta_schema_20240725.json")
+TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
+        "--cache_workers", "0"]
+
+
+def config(*names):
+    return str([os.path.join(CONFIGS, n) for n in names])
+
+
+def bundle(cwd, *args, pythonpath=False):
+    """Run `python -m monai.bundle <args>` in ``cwd``; fail the test with its output if it fails.
+
+    ``run`` finds the bundle's ``scripts`` package itself; the checking commands (verify_net_in_out, ckpt_export)
+    need it on PYTHONPATH, as the README says."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "bundle")} if pythonpath else None
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Every stage once, run from a scratch directory (not the repository, not the bundle)."""
+    work = tmp_path_factory.mktemp("work")
+    paths = ["--dataset_dir", str(work / "data"), "--model_dir", str(work / "models"), "--output_dir", str(work / "eval")]
+    logs = {}
+    logs["prepare"] = bundle(work, "run", "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"),
+                             *paths, "--synthetic#num_patients", "6", "--synthetic#num_validation", "1",
+                             "--synthetic#num_test", "1", "--synthetic#subset_sizes", "[1,2]",
+                             "--synthetic#num_subsets", "[1,1]")
+    logs["pretrain"] = bundle(work, "run", "pretrain", "--config_file", config("train.yaml", "pretrain.yaml"), *paths,
+                              *TINY, "--global#iterations", "4", "--local#iterations", "4",
+                              "--pretrain_epoch_length", "2", "--global#volumes_per_batch", "2",
+                              "--local#volumes_per_batch", "2", "--global#hidden_features", "16",
+                              "--global#embedding_features", "8")
+    logs["train"] = bundle(work, "run", "--config_file", config("train.yaml"), *paths, *TINY, "--max_epochs", "2",
+                           "--iterations_per_epoch", "2", "--batch_size", "4")
+    logs["evaluate"] = bundle(work, "run", "--config_file", config("train.yaml", "evaluate.yaml"), *paths, *TINY)
+    logs["infer"] = bundle(work, "run", "--config_file", config("inference.yaml"), "--dataset_dir", str(work / "data"),
+                           "--checkpoint", str(work / "models" / "model.pt"), "--output_dir", str(work / "pred"),
+                           "--network_def#encoder_channels", "[4,8,8,8,8,8]",
+                           "--network_def#decoder_channels", "[8,8,8,8,4]")
+    return work, logs
+
+
+def test_pretraining_writes_both_stages(workspace):
+    work, logs = workspace
+    for name in ("pretrained_global.pt", "pretrained_local.pt"):
+        state = torch.load(work / "models" / name, weights_only=True)
+        assert "encoder.0.0.weight" in state and "decoder.0.up_conv.1.weight" in state
+    g = torch.load(work / "models" / "pretrained_global.pt", weights_only=True)
+    loc = torch.load(work / "models" / "pretrained_local.pt", weights_only=True)
+    for k in g:  # the local stage leaves the encoder (weights and BatchNorm statistics) exactly as stage 1 left it
+        if k.startswith("encoder."):
+            assert torch.equal(g[k], loc[k]), k
+    assert any(not torch.equal(g[k], loc[k]) for k in g if k.startswith("decoder.2."))
+
+
+def test_fine_tuning_starts_from_pretraining_and_selects_on_validation(workspace):
+    work, logs = workspace
+    assert "from " + str(work / "models" / "pretrained_local.pt") in logs["train"]
+    assert "val_mean_dice" in logs["train"]
+    state = torch.load(work / "models" / "model.pt", weights_only=True)
+    assert state["out_conv.weight"].shape[0] == 4
+
+
+def test_evaluation_writes_dice_per_test_volume(workspace):
+    work, _ = workspace
+    with open(work / "eval" / "test" / "test_mean_dice_raw.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and {"class0", "class1", "class2", "mean"} <= set(rows[0])
+    assert all(0.0 <= float(rows[0][c]) <= 1.0 for c in ("class0", "class1", "class2"))
+
+
+def test_inference_writes_labels_on_the_input_grid(workspace):
+    work, _ = workspace
+    images = sorted((work / "data").glob("patient*/patient*_frame01.nii.gz"))
+    assert len(images) == 6
+    for image in images:
+        pred = nib.load(work / "pred" / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        source = nib.load(image)
+        assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
+        assert pred.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
+    work, _ = workspace
+    if os.path.isfile(SCHEMA):
+        bundle(tmp_path, "verify_metadata", "--meta_file", os.path.join(CONFIGS, "metadata.json"), "--filepath", SCHEMA)
+    bundle(tmp_path, "verify_net_in_out", "network_def", "--meta_file", os.path.join(CONFIGS, "metadata.json"),
+           "--config_file", os.path.join(CONFIGS, "inference.yaml"), "--n", "2", pythonpath=True)
+    exported = tmp_path / "model.ts"
+    bundle(tmp_path, "ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file",
+           str(work / "models" / "model.pt"), "--meta_file", os.path.join(CONFIGS, "metadata.json"),
+           "--config_file", os.path.join(CONFIGS, "inference.yaml"),
+           "--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]",
+           pythonpath=True)
+    scripted = torch.jit.load(str(exported))
+    assert scripted(torch.rand(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+
+
+@pytest.mark.parametrize("name, kind", [("train.yaml", "train"), ("inference.yaml", "infer")])
+def test_configs_have_the_properties_monai_label_reads(name, kind):
+    workflow = ConfigWorkflow(config_file=os.path.join(CONFIGS, name), workflow_type=kind)
+    workflow.initialize()
+    assert workflow.check_properties() == []
