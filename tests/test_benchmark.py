@@ -108,3 +108,11 @@ def test_main_prints_tables_and_writes_json_and_csv(tmp_path, capsys):
     assert lines[0].startswith("benchmark,") and len(lines) == 3 and lines[1].startswith("global_loss,")
     with pytest.raises(ValueError, match="parts"):
         benchmark.main(parts="nope", **kwargs)
+
+
+def test_other_process_cpu_load_is_a_percentage():
+    monitor = benchmark._OtherCpuLoad()
+    monitor.start()
+    sum(i * i for i in range(200_000))
+    share = monitor.stop()
+    assert share is None or 0.0 <= share <= 100.0

@@ -117,7 +117,15 @@ def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("name, kind", [("train.yaml", "train"), ("inference.yaml", "infer")])
-def test_configs_have_the_properties_monai_label_reads(name, kind):
-    workflow = ConfigWorkflow(config_file=os.path.join(CONFIGS, name), workflow_type=kind)
+def test_configs_have_the_properties_monai_label_reads(workspace, name, kind):
+    """MONAI Label hands each file over alone, with its own data lists; every required property must resolve."""
+    work, _ = workspace
+    image = sorted((work / "data").glob("patient*/patient*_frame01.nii.gz"))[0]
+    case = {"image": str(image), "label": str(image).replace(".nii.gz", "_gt.nii.gz")}
+    if kind == "train":
+        override = {"dataset_dir": str(work / "data"), "train#dataset#data": [case], "validate#dataset#data": [case]}
+    else:
+        override = {"datalist": [{"image": case["image"]}]}
+    workflow = ConfigWorkflow(config_file=os.path.join(CONFIGS, name), workflow_type=kind, **override)
     workflow.initialize()
     assert workflow.check_properties() == []

@@ -15,7 +15,11 @@ Three measurements, each printed as a plain-text table:
    ``LocalContrastiveNet(decoder_blocks=3)`` (frozen encoder) on M x S slices x V views (paper: 12 x 2 = 24
    images). The loss alone is forward + backward on inputs of the shape the network produces. The share is
    ``loss time / step time``. ``--paper`` measures at 192 x 192 (the paper's slice size); the default is a reduced
-   size so the whole run stays short on a CPU.
+   size (64 x 64) so the whole run stays short on a CPU.
+
+``--paper`` also extends the local sweep to N = 48 images (at K = 256 dense regions that is ~8 GiB and ~15 s a call
+on 2 CPU cores). Every run reports how much CPU time *other* processes took meanwhile: on a busy machine the
+timings are not trustworthy (a warning is printed above 5%).
 
 Times are the median wall-clock time of ``repeats`` calls after ``warmup`` calls (on CUDA with
 ``torch.cuda.synchronize`` around each call); a call stops being repeated once ``max_seconds`` have passed and at
@@ -32,8 +36,9 @@ upwards by such blocks).
 
 Examples::
 
-    PYTHONPATH=bundle python -m scripts.benchmark                       # all three, reduced step size (~3 min, 2 CPUs)
-    PYTHONPATH=bundle python -m scripts.benchmark --paper               # the step share at 192 x 192
+    PYTHONPATH=bundle python -m scripts.benchmark                     # all three, reduced sizes (< 3 min, 2 CPUs)
+    PYTHONPATH=bundle python -m scripts.benchmark --paper             # + step share at 192 x 192, local N up to 48
+    PYTHONPATH=bundle python -m scripts.benchmark --parts step --paper  # only the step share at 192 x 192
     PYTHONPATH=bundle python -m scripts.benchmark --parts step --image_size 128 --output runs/bench.json
     PYTHONPATH=bundle python -m scripts.benchmark --device cuda --global_batch_sizes "[32,64,128,256,512]"
 """
@@ -98,16 +103,20 @@ def measure_time(
 ) -> tuple[float, int]:
     """Median wall-clock time of ``fn()`` in milliseconds, and the number of timed calls.
 
-    ``warmup`` untimed calls first; then up to ``repeats`` timed calls, stopping early once ``max_seconds`` have
-    passed and at least 3 calls (or ``repeats`` if fewer) were timed. On CUDA every call is bracketed by
+    ``warmup`` untimed calls first (fewer, but at least one, once they took ``max_seconds``); then up to
+    ``repeats`` timed calls, stopping early once ``max_seconds`` have passed and at least 3 calls (or ``repeats``
+    if fewer) were timed. On CUDA every call is bracketed by
     ``torch.cuda.synchronize``.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     device = torch.device(device)
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         fn()
-    _sync(device)
+        _sync(device)
+        if max_seconds is not None and time.perf_counter() - warm_start > max_seconds:
+            break  # a slow call: one warm-up is enough
     times: list[float] = []
     start = time.perf_counter()
     for _ in range(repeats):
@@ -609,7 +618,7 @@ def main(
     paper: bool = False,
     image_size: int | None = None,
     global_batch_sizes: Sequence[int] = (16, 32, 48, 96, 192),
-    local_batch_sizes: Sequence[int] = (12, 24, 48),
+    local_batch_sizes: Sequence[int] | None = None,
     grid_regions: Sequence[int] = (13, 25),
     dense_regions: Sequence[int] = (13, 64, 256),
     feature_size: int = 48,
@@ -630,10 +639,12 @@ def main(
         parts: any of "global", "local", "step" (comma-separated or a list); all by default.
         device: "auto" (cuda when available), "cpu" or "cuda[:i]".
         threads: torch intra-op threads (default: torch's choice).
-        paper: the step share at the paper's 192 x 192 slices (sets ``image_size`` to 192 unless given).
+        paper: the full settings: the step share at the paper's 192 x 192 slices (sets ``image_size`` to 192
+            unless given) and the local sweep up to N = 48 images.
         image_size: slice size of the step share (a multiple of 32); default 64 (reduced, fast on a CPU).
         global_batch_sizes: images N of the global sweep (multiples of 8 = 4 partitions x 2 views).
-        local_batch_sizes: images N of the local sweep (even: slices x 2 views).
+        local_batch_sizes: images N of the local sweep (even: slices x 2 views); default (12, 24), the paper's
+            24 and half of it, and with ``paper`` also 48 (dense K = 256 at N = 48 takes ~15 s a call, 8 GiB).
         grid_regions / dense_regions: region counts K of the local sweep per mode.
         feature_size / channels: the local sweep's feature maps (default 64 x 48 x 48: block 3 at 192 x 192).
         global_strategies / local_strategies: strategies of the sweeps (and of the global step share).
@@ -657,6 +668,8 @@ def main(
     if threads is not None:
         torch.set_num_threads(int(threads))
     image_size = int(image_size) if image_size is not None else (192 if paper else 64)
+    if local_batch_sizes is None:
+        local_batch_sizes = (12, 24, 48) if paper else (12, 24)
     env = environment(device)
     common = {"device": device, "seed": seed, "quiet": quiet}
     print(f"Contrastive loss benchmark: device {env['device']} ({env['device_name']}), torch {env['torch']}, "
