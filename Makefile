@@ -5,9 +5,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
-BUNDLE := $(PY) -m monai.bundle
-CONFIGS := bundle/configs
-DEMO_DIR ?= runs/demo
 
 .PHONY: venv demo test test-all verify bench clean
 
@@ -22,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	bash docs/scripts/demo.sh $(DEMO_DIR)
+	PY=$(PY) bash docs/scripts/demo.sh
 
 test: venv
 	$(PY) -m pytest -q

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import platform
 import statistics
@@ -61,7 +60,13 @@ import torch
 from torch import Tensor, nn
 
 from scripts.engines import ContrastiveViews, MetadataLoss, trainable_parameters
-from scripts.losses import GLOBAL_STRATEGIES, LOCAL_STRATEGIES, GlobalContrastiveLoss, LocalContrastiveLoss
+from scripts.losses import (
+    GLOBAL_STRATEGIES,
+    LOCAL_STRATEGIES,
+    GlobalContrastiveLoss,
+    LocalContrastiveLoss,
+    global_pair_masks,
+)
 from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D
 from scripts.transforms import RandBrightnessContrast, RandCropResize
 
@@ -319,8 +324,6 @@ def bench_global_loss(
 
 
 def _global_positive_pairs(strategy: str, meta: dict[str, Tensor], threshold: float) -> int:
-    from scripts.losses import global_pair_masks
-
     positive, _ = global_pair_masks(strategy, meta["volume"], meta["partition"], meta["sample"], meta["position"],
                                     threshold)
     return int(positive.sum())
@@ -390,7 +393,7 @@ def bench_local_loss(
 
 
 class _Compose:
-    """Apply batch augmentations in order (a picklable stand-in for monai's Compose on tensors)."""
+    """Apply batch augmentations in order (what the config's monai Compose does with them)."""
 
     def __init__(self, *transforms):
         self.transforms = transforms
