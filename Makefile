@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: venv demo test test-all verify bench clean
+.PHONY: venv demo test test-all verify bench experiments report clean
 
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -34,6 +34,13 @@ verify: venv
 # speed and peak memory of the contrastive losses, and their share of a pre-training step (add ARGS=--paper for 192x192)
 bench: venv
 	PYTHONPATH=bundle $(PY) -m scripts.benchmark $(ARGS)
+
+# the study of PLAN (resumable: run it again after an interruption), then its tables and figures into docs/study/
+PLAN ?= docs/experiments/acdc_cpu.yaml
+experiments: venv
+	PYTHONPATH=bundle $(PY) -m scripts.experiments run $(PLAN)
+report: venv
+	PYTHONPATH=bundle $(PY) -m scripts.experiments report $(PLAN) --output docs/study/$(basename $(notdir $(PLAN)))
 
 clean:
 	rm -rf $(VENV) runs bundle/eval bundle/data

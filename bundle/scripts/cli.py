@@ -1,6 +1,8 @@
 """Command line helpers around the bundle's workflows (``PYTHONPATH=bundle python -m scripts.cli <command>``).
 
 The stages themselves run through ``python -m monai.bundle run``; these commands only look at their outputs.
+The study (a plan of many runs) has its own runner, ``python -m scripts.experiments run <plan>``; ``study`` here writes
+its report.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ def compare(results: dict, output: str | None = None) -> None:
         os.replace(tmp, output)
 
 
-
 def curves(output: str, **curves: str) -> None:
     """Plot training curves from TensorBoard logs to a PNG: each ``--name=log_dir:tag`` gives one panel, e.g.
     ``--global_loss=bundle/eval/pretrain_global:global_loss``."""
@@ -35,8 +36,17 @@ def curves(output: str, **curves: str) -> None:
     print(plot_curves(panels, output))
 
 
+def study(target: str, output: str, examples: bool = True) -> None:
+    """Report of a study run by ``scripts.experiments``: ``target`` is its plan file or experiment folder; writes
+    results.md (tables, the paper's claims checked, wall time), dice_vs_labelled.png, pretraining_losses.png and
+    examples.png into ``output``, e.g. ``study docs/experiments/acdc_cpu.yaml --output docs/study/acdc_cpu``."""
+    from scripts.experiments import report
+
+    report(target, output, examples=examples)
+
+
 def main() -> None:
-    fire.Fire({"compare": compare, "curves": curves})
+    fire.Fire({"compare": compare, "curves": curves, "study": study})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""The study runner (scripts.experiments) and its report.
+
+Fast checks expand the shipped plans into jobs and commands without running them. The end-to-end checks run the
+smoke plan (docs/experiments/smoke.yaml: synthetic data, a tiny U-Net, two initialisations, one subset) once through
+the command line: start, kill the runner with SIGKILL as soon as its first result line appears, restart until the
+plan is finished, restart once more, then write the report (about a minute on 2 cores)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fire.parser
+import pytest
+import yaml
+
+from scripts import experiments as ex
+from scripts import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLANS = os.path.join(ROOT, "docs", "experiments")
+ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "bundle")}
+
+
+def plan_jobs(name, tmp_path):
+    plan = ex.load_plan(os.path.join(PLANS, name), experiment_dir=str(tmp_path / "exp"))
+    return plan, {j.id: j for j in ex.build_jobs(plan)}
+
+
+def option(command, key):
+    """The value given to --key in a command list (None when absent)."""
+    flag = f"--{key}"
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+# ---------------------------------------------------------------- plans -> jobs -> commands (no subprocess)
+@pytest.mark.parametrize("name, subsets, benchmark", [("acdc_cpu.yaml", 8, 3), ("acdc_paper.yaml", 13, 3)])
+def test_shipped_plans_expand_into_the_study(tmp_path, name, subsets, benchmark):
+    plan, jobs = plan_jobs(name, tmp_path)
+    kinds = [j.kind for j in jobs.values()]
+    assert kinds.count("prepare") == 1
+    assert kinds.count("global") == 4 and kinds.count("local") == 2   # one global stage per strategy, shared
+    assert kinds.count("finetune") == 7 * subsets + benchmark
+    assert len({j.folder for j in jobs.values()}) == len(jobs)        # every job writes into its own folder
+    order = list(jobs)
+    last_pretraining = max(i for i, j in enumerate(jobs.values()) if j.kind in ("global", "local"))
+    assert all(jobs[k].kind == "finetune" for k in order[last_pretraining + 1 :])
+    for job in jobs.values():
+        assert all(n in order[: order.index(job.id)] for n in job.needs)   # dependencies come first
+
+    random_run = jobs["random-xl1-subset0-seed0"].steps[0][1]
+    assert option(random_run, "use_pretrained") == "False" and option(random_run, "pretrained_checkpoint") is None
+    gd = jobs["GD-xl2-subset1-seed0"].steps[0][1]
+    assert option(gd, "pretrained_decoder_blocks") == "0"
+    assert option(gd, "pretrained_checkpoint").endswith("global-domain-seed0/models/pretrained_global.pt")
+    assert (option(gd, "num_labelled"), option(gd, "subset")) == ("2", "1")
+    for local in ("random", "domain"):
+        name_ = {"random": "GD_LR", "domain": "GD_LD"}[local]
+        run = jobs[f"{name_}-xl8-subset0-seed0"].steps[0][1]
+        local_checkpoint = f"global-domain-local-{local}-seed0/models/pretrained_local.pt"
+        assert option(run, "pretrained_checkpoint").endswith(local_checkpoint)
+        assert option(run, "pretrained_decoder_blocks") is None   # the config's l = 3
+        stage = jobs[f"global-domain-local-{local}-seed0"]
+        global_checkpoint = "global-domain-seed0/models/pretrained_global.pt"
+        assert option(stage.steps[0][1], "local#global_checkpoint").endswith(global_checkpoint)
+        assert stage.needs[-1] == "global-domain-seed0"
+    bench = jobs["random-xlall-seed2"]
+    assert option(bench.steps[0][1], "train_key") == "labelled_all" and option(bench.steps[0][1], "seed") == "2"
+    evaluation = bench.steps[1][1]
+    files = [os.path.join(ex.CONFIGS, n) for n in ("train.yaml", "evaluate.yaml")]
+    assert fire.parser.DefaultParseValue(option(evaluation, "config_file")) == files
+    assert option(bench.steps[0][1], "config_file") == files[0]
+    models = os.path.join(bench.folder, "models")
+    assert option(evaluation, "model_dir") == option(bench.steps[0][1], "model_dir") == models
+    size = plan["protocol"]["common"]["image_size"]
+    assert all(option(j.steps[0][1], "image_size") == str(size) for j in jobs.values())
+
+
+def test_values_survive_the_command_line():
+    """What format_value writes, python-fire (monai.bundle run's parser) reads back as the same value."""
+    for value in (64, 1.36719, True, False, None, [4, 8, 8], [0.0, 5.0], "domain_minus", {"a": [1, 2]}, ["x", None]):
+        assert fire.parser.DefaultParseValue(ex.format_value(value)) == value
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"initialisations": [{"name": "x", "global": "simclr"}]}, "global must be one of"),
+    ({"initialisations": [{"name": "x", "local": "random"}]}, "needs a global stage"),
+    ({"initialisations": [{"name": "a b"}]}, "must be unique"),
+    ({"protocol": {"finetune": {"model_dir": "/tmp"}}}, "the runner sets"),
+    ({"protocol": {"train": {}}}, "unknown stage"),
+    ({"labelled": {}, "benchmark": None}, "nothing to fine-tune"),
+    ({"benchmark": {"initialisations": ["nope"]}}, "unknown initialisation"),
+])
+def test_bad_plans_are_refused(tmp_path, change, message):
+    with open(os.path.join(PLANS, "smoke.yaml")) as f:
+        plan = {**yaml.safe_load(f), **change}
+    with pytest.raises(ValueError, match=message):
+        ex.normalise_plan(plan, experiment_dir=str(tmp_path))
+
+
+def test_a_changed_protocol_is_not_resumed(tmp_path):
+    plan, jobs = plan_jobs("smoke.yaml", tmp_path)
+    job = jobs["random-xl1-subset0-seed0"]
+    done = {job.id: {"id": job.id, "config": ex._jsonable(job.config)}}
+    ex.check_unchanged(list(jobs.values()), done)   # same configuration: fine
+    plan["protocol"]["finetune"]["max_epochs"] = 3
+    with pytest.raises(ValueError, match="another configuration"):
+        ex.check_unchanged(ex.build_jobs(plan), done)
+
+
+def test_ledger_lines_are_appended_whole(tmp_path):
+    path = str(tmp_path / "results.jsonl")
+    ex.append_ledger(path, {"id": "a"})
+    ex.append_ledger(path, {"id": "b", "dice": [0.5, None]})
+    assert [r["id"] for r in ex.read_ledger(path)] == ["a", "b"]
+    assert os.listdir(tmp_path) == ["results.jsonl"]   # no temporary file left behind
+
+
+def fake_records():
+    """Results of five initialisations at |XL| 1 and 2 (two subsets) and the benchmark; G^D best at every size."""
+    recipes = {"random": (None, None), "G^R": ("random", None), "G^D−": ("domain_minus", None),
+               "G^D": ("domain", None), "G^D + L^R": ("domain", "random")}
+    records = []
+    for k, (label, (g, loc)) in enumerate(recipes.items()):
+        for size in (1, 2):
+            for subset in (0, 1):
+                mean = 0.4 + 0.05 * k + 0.1 * size + 0.01 * subset
+                volumes = [{"image": f"/v{i}.nii.gz", "dice": [mean - 0.02, mean, mean + 0.02]} for i in range(3)]
+                records.append({"label": label, "recipe": {"global": g, "local": loc}, "num_labelled": size,
+                                "subset": subset, "seed": 0, "volumes": volumes, "classes": ["RV", "Myo", "LV"],
+                                "class_dice": [mean - 0.02, mean, mean + 0.02], "mean_dice": mean,
+                                "wall_time_s": {"finetune": 100.0, "evaluate": 10.0}})
+    for seed in (0, 1):
+        records.append({"label": "random", "recipe": {"global": None, "local": None}, "num_labelled": "all",
+                        "subset": None, "seed": seed, "volumes": [{"image": "/v0.nii.gz", "dice": [0.9, 0.9, 0.9]}],
+                        "classes": ["RV", "Myo", "LV"], "class_dice": [0.9] * 3, "mean_dice": 0.9,
+                        "wall_time_s": {"finetune": 100.0, "evaluate": 10.0}})
+    return records
+
+
+def test_report_tables_and_claims_from_records(tmp_path):
+    records = fake_records()
+    text = report.study_markdown(records, order=["random", "G^R", "G^D−", "G^D", "G^D + L^R"], title="fake")
+    assert "| initialisation | \\|XL\\| = 1 | \\|XL\\| = 2 | all labelled |" in text
+    assert "| G^D | 0.655 ± 0.007 | 0.755 ± 0.007 | – |" in text           # mean ± std over the two subsets
+    assert "| G^R | +0.050 ± 0.000 (2/2) | +0.050 ± 0.000 (2/2) | – |" in text   # paired gain over random
+    ordering = "|XL| = 1: random (0.505) < G^R (0.555) < G^D− (0.605) < G^D (0.655) — the paper's ordering holds."
+    assert ordering in text
+    assert "G^D + L^R vs G^D: +0.050 — the local stage helps" in text
+    assert "is 10.6% below the benchmark (0.900) — the paper's 'within 8%' does not hold" in text
+    png = report.plot_dice_vs_labelled(records, str(tmp_path / "dice.png"))
+    assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- the smoke plan, end to end through the command line
+def runner(*args):
+    return [sys.executable, "-m", "scripts.experiments", *args]
+
+
+def lines(path):
+    return open(path).read().splitlines() if os.path.isfile(path) else []
+
+
+def processes_mentioning(text):
+    """Ids of live processes whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("smoke") / "exp"
+    plan = os.path.join(PLANS, "smoke.yaml")
+    args = [plan, "--experiment_dir", str(exp)]
+    results, commands = exp / "results.jsonl", exp / "commands.log"
+    state = {"exp": exp}
+
+    # 1. first start; SIGKILL the runner as soon as the first result line is there
+    first = subprocess.Popen(runner("run", *args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 400
+    while len(lines(results)) < 1 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    state["after_kill"] = {"results": lines(results), "commands": lines(commands), "first_output": first.stdout.read()}
+    deadline = time.time() + 20
+    while processes_mentioning(str(exp)) and time.time() < deadline:
+        time.sleep(0.2)
+    state["orphans"] = processes_mentioning(str(exp))
+
+    # 2. restart: finishes the plan
+    second = subprocess.run(runner("run", *args), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    state["second"] = second
+    state["after_restart"] = {"results": lines(results), "commands": lines(commands)}
+
+    # 3. restart a finished plan: nothing runs
+    state["third"] = subprocess.run(runner("run", *args), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    state["after_third"] = {"results": lines(results), "commands": lines(commands)}
+
+    # 4. the report
+    state["report"] = subprocess.run(runner("report", plan, "--experiment_dir", str(exp), "--output",
+                                            str(exp / "report")), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    return state
+
+
+def started(commands, job_id):
+    """How many times a job was started, from commands.log ('# <time> <job id>' before each command)."""
+    return sum(1 for line in commands if line.startswith("# ") and line.split()[-1] == job_id)
+
+
+def test_a_finished_run_appends_its_result_line(smoke):
+    assert len(smoke["after_kill"]["results"]) == 1, smoke["after_kill"]["first_output"].decode()[-3000:]
+    record = json.loads(smoke["after_kill"]["results"][0])
+    assert record["id"] == "random-xl1-subset0-seed0" and record["recipe"] == {"global": None, "local": None}
+    assert (record["num_labelled"], record["subset"], record["seed"], record["train_key"]) == (1, 0, 0, "labelled_1_0")
+    assert record["classes"] == ["right ventricle", "myocardium", "left ventricle"]
+    assert len(record["volumes"]) == 1 and len(record["volumes"][0]["dice"]) == 3   # one test volume, 3 classes
+    assert set(record["wall_time_s"]) == {"finetune", "evaluate"}
+    assert record["config"]["finetune"]["max_epochs"] == 2 and record["config"]["start"] == {"use_pretrained": False}
+    assert os.path.isfile(smoke["exp"] / record["model_dir"] / "model.pt")
+
+
+def test_killing_the_runner_stops_its_stage_and_a_restart_finishes_the_plan(smoke):
+    assert smoke["orphans"] == []   # the stage subprocess died with the runner
+    second = smoke["second"]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "5 jobs, 4 done, 1 to run" in second.stdout
+    results = [json.loads(line) for line in smoke["after_restart"]["results"]]
+    assert [r["id"] for r in results] == ["random-xl1-subset0-seed0", "GD_LR-xl1-subset0-seed0"]
+    assert results[1]["pretraining"] == "global-domain-local-random-seed0"
+    commands = smoke["after_restart"]["commands"]
+    for job in ("prepare", "global-domain-seed0", "global-domain-local-random-seed0", "random-xl1-subset0-seed0"):
+        assert started(commands, job) == (2 if job == "random-xl1-subset0-seed0" else 1), job  # fine-tune + evaluate
+    # killed during its fine-tuning (1 command) or evaluation (2), then both again; 2 if it had not started yet
+    assert started(commands, "GD_LR-xl1-subset0-seed0") in (2, 3, 4)
+    stages = ex.read_ledger(str(smoke["exp"] / "stages.jsonl"))
+    assert [s["id"] for s in stages] == ["prepare", "global-domain-seed0", "global-domain-local-random-seed0"]
+
+
+def test_a_restart_skips_finished_runs(smoke):
+    third = smoke["third"]
+    assert third.returncode == 0 and "5 jobs, 5 done, 0 to run" in third.stdout
+    assert smoke["after_third"] == smoke["after_restart"]   # no new command, no new result line
+
+
+def test_report_writes_tables_and_figures(smoke):
+    result = smoke["report"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = smoke["exp"] / "report"
+    text = (folder / "results.md").read_text()
+    assert "| random |" in text and "| G^D + L^R |" in text and "global-domain-seed0" in text
+    for name in ("dice_vs_labelled.png", "pretraining_losses.png", "examples.png"):
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG", name
