@@ -75,11 +75,11 @@ def plot_curves(curves: Mapping[str, tuple[str, str]], output: str, smooth: int 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
     for ax, (title, (log_dir, tag)) in zip(axes[0], curves.items()):
         steps, values = read_scalars(log_dir, tag)
-        ax.plot(steps, values, color="0.75", linewidth=0.8, label="per iteration")
+        ax.plot(steps, values, color="0.75", linewidth=0.8, label="logged values")
         if len(values) >= smooth:
             kernel = np.ones(smooth) / smooth
             ax.plot(steps[smooth - 1 :], np.convolve(values, kernel, mode="valid"), label=f"mean of {smooth}")
-        ax.set(title=title, xlabel="iteration", ylabel=tag)
+        ax.set(title=title, xlabel="step as logged (iteration; epoch for validation metrics)", ylabel=tag)
         ax.legend(frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
