@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scripts.losses import (
     GLOBAL_STRATEGIES,
@@ -346,6 +347,86 @@ def test_local_random_ignores_other_samples():
         loss = single(feats, HB_VOLUME, HB_PARTITION, torch.where(HB_SAMPLE == 0, 0, -1 - torch.arange(8)))
         loss.backward()  # only sample 0 (images 0, 1) has positives; the others are singletons
         assert feats.grad[2:].abs().sum() == 0 and feats.grad[:2].abs().sum() > 0
+
+
+def autograd_dense_loss(features, sample, partition, centres, strategy, region_size=3, t=TEMPERATURE):
+    """Dense mode from the definitions, vectorised with plain autograd (for gradients): every window by F.unfold,
+    the full (N*K) x (N*P) similarity with its positive/negative masks, the per-pair loss written out."""
+    n, _, _, width = features.shape
+    r, cols = region_size, width - region_size + 1
+    windows = F.normalize(F.unfold(features, r), dim=1)  # (N, C*r*r, P): window q has top-left (q // cols, q % cols)
+    anchor_q = (centres[:, 0] - r // 2) * cols + (centres[:, 1] - r // 2)
+    anchors = windows[:, :, anchor_q].transpose(1, 2)  # (N, K, C*r*r)
+    k, p = len(anchor_q), windows.shape[2]
+    logits = torch.einsum("ikd,jdq->ikjq", anchors, windows).reshape(n * k, n * p) / t
+    same_sample = sample[:, None] == sample[None, :]
+    related = same_sample | (partition[:, None] == partition[None, :]) if strategy == "domain" else same_sample
+    image_positive = related & ~torch.eye(n, dtype=torch.bool)
+    at_anchor = torch.arange(p)[None, :] == anchor_q[:, None]  # (K, P)
+    positive = (image_positive[:, None, :, None] & at_anchor[None, :, None, :]).reshape(n * k, n * p)
+    negative = (same_sample[:, None, :, None] & ~at_anchor[None, :, None, :]).reshape(n * k, n * p)
+    negative_lse = torch.logsumexp(logits.masked_fill(~negative, float("-inf")), dim=1, keepdim=True)
+    return F.softplus(negative_lse - logits)[positive].sum() / positive.sum()
+
+
+@pytest.mark.parametrize("strategy", ["random", "domain"])
+@pytest.mark.parametrize("region_size", [1, 2, 3])
+def test_dense_loss_and_gradient_match_autograd_reference(strategy, region_size):
+    # irregular batch (1-3 views per slice), non-square maps, and all-zero areas: zero-norm windows and anchors
+    vol, part, smp, _ = random_metadata(3)
+    feats = torch.randn(len(smp), 3, 8, 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    feats[:3, :, :4, :4] = 0
+    feats[5, :, 3:, 2:] = 0
+    for seed in range(2):
+        torch.manual_seed(seed)
+        loss_fn = LocalContrastiveLoss(strategy, TEMPERATURE, region_size, region_mode="dense", num_regions=6)
+        x = feats.clone().requires_grad_()
+        loss = loss_fn(x, vol, part, smp)
+        (grad,) = torch.autograd.grad(loss, x)
+        y = feats.clone().requires_grad_()
+        expected = autograd_dense_loss(y, smp, part, loss_fn.last_centres, strategy, region_size)
+        (expected_grad,) = torch.autograd.grad(expected, y)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-12, rel=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+        if region_size < 3:  # the loop reference too (it covers r = 3 above)
+            slow = slow_local_loss(feats, smp, part, loss_fn.last_centres, strategy, "dense", region_size)
+            assert loss.item() == pytest.approx(slow, abs=1e-8)
+
+
+@pytest.mark.parametrize("strategy", ["random", "domain"])
+def test_dense_gradcheck(strategy):
+    vol, part, smp, _ = random_metadata(1)
+    feats = torch.randn(len(smp), 2, 5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    loss_fn = LocalContrastiveLoss(strategy, 0.5, region_mode="dense", num_regions=4)
+    centres = torch.tensor([[1, 1], [2, 4], [3, 2], [1, 3]])
+    assert torch.autograd.gradcheck(lambda f: loss_fn(f, vol, part, smp, centres=centres), feats.requires_grad_())
+
+
+def test_dense_single_window_map_has_no_negatives():
+    # a 3x3 map holds one 3x3 window: no anchor has negatives, every pair gives 0 (as in the core), still a graph
+    feats = torch.randn(8, 2, 3, 3, requires_grad=True)
+    loss = LocalContrastiveLoss("domain", region_mode="dense", num_regions=1)(feats, HB_VOLUME, HB_PARTITION, HB_SAMPLE)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(feats.grad, torch.zeros_like(feats))
+
+
+def test_dense_memory_layout_dtype_and_no_grad():
+    feats = torch.randn(8, 4, 9, 10, generator=torch.Generator().manual_seed(2))
+    loss_fn = LocalContrastiveLoss("domain", region_mode="dense", num_regions=7)
+    centres = loss_fn.region_centres(9, 10)
+    results = []
+    for f in (feats, feats.to(memory_format=torch.channels_last), feats.double()):
+        f = f.clone().requires_grad_()
+        loss = loss_fn(f, HB_VOLUME, HB_PARTITION, HB_SAMPLE, centres=centres)
+        loss.backward()
+        results.append((loss.detach().double(), f.grad.double()))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-4, atol=1e-8)
+    with torch.no_grad():
+        assert loss_fn(feats, HB_VOLUME, HB_PARTITION, HB_SAMPLE, centres=centres).item() == pytest.approx(
+            results[0][0].item(), abs=1e-6
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Three measurements, each printed as a plain-text table:
    ``loss time / step time``. ``--paper`` measures at 192 x 192 (the paper's slice size); the default is a reduced
    size (64 x 64) so the whole run stays short on a CPU.
 
-``--paper`` also extends the local sweep to N = 48 images (at K = 256 dense regions that is ~8 GiB and ~15 s a call
+``--paper`` also extends the local sweep to N = 48 images (at K = 256 dense regions that is ~0.9 GiB and ~2 s a call
 on 2 CPU cores). Every run reports how much CPU time *other* processes took meanwhile: on a busy machine the
 timings are not trustworthy (a warning is printed above 5%).
 
@@ -647,7 +647,7 @@ def main(
         image_size: slice size of the step share (a multiple of 32); default 64 (reduced, fast on a CPU).
         global_batch_sizes: images N of the global sweep (multiples of 8 = 4 partitions x 2 views).
         local_batch_sizes: images N of the local sweep (even: slices x 2 views); default (12, 24), the paper's
-            24 and half of it, and with ``paper`` also 48 (dense K = 256 at N = 48 takes ~15 s a call, 8 GiB).
+            24 and half of it, and with ``paper`` also 48 (dense K = 256 at N = 48 takes ~2 s a call, ~0.9 GiB).
         grid_regions / dense_regions: region counts K of the local sweep per mode.
         feature_size / channels: the local sweep's feature maps (default 64 x 48 x 48: block 3 at 192 x 192).
         global_strategies / local_strategies: strategies of the sweeps (and of the global step share).

@@ -7,7 +7,9 @@ built from per-image metadata (volume id, partition, sample id, slice position).
     l(i, p) = -log( exp(s_ip / t) / ( exp(s_ip / t) + sum_{n in N(i)} exp(s_in / t) ) ),
 
 averaged over all ordered positive pairs (i, p). Each positive sits in the numerator against the negatives of its
-anchor only; other positives of the same anchor are not in its denominator.
+anchor only; other positives of the same anchor are not in its denominator. The dense region mode of
+:class:`LocalContrastiveLoss` evaluates the same loss without materialising the masks: its negatives (every window
+of the anchor's sample) only enter through their log-sum-exp, computed directly from the feature maps.
 
 Metadata conventions (per image of the batch, all 1-D of length N):
 
@@ -321,6 +323,159 @@ def _grid_order(num_regions) -> int:
     return order
 
 
+def _anchor_windows(x: Tensor, top_left: Tensor, region_size: int) -> Tensor:
+    """(N, K, C*r*r) L2-normalised anchor windows (flattened in (c, dy, dx) order) with top-left corners top_left."""
+    n, k, r = x.shape[0], top_left.shape[0], region_size
+    offsets = torch.arange(r, device=x.device)
+    win_rows = top_left[:, 0, None, None] + offsets[None, :, None]  # (K, r, 1)
+    win_cols = top_left[:, 1, None, None] + offsets[None, None, :]  # (K, 1, r)
+    windows = x[:, :, win_rows, win_cols]  # (N, C, K, r, r)
+    return F.normalize(windows.permute(0, 2, 1, 3, 4).reshape(n, k, -1), dim=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dense mode: anchors vs every window of the own sample's views
+# ----------------------------------------------------------------------------------------------------------------
+class _DenseWindows(torch.autograd.Function):
+    """Everything dense mode needs from the feature maps, in one pass whose backward writes one map-sized gradient.
+
+    Forward ``(x, top_left, members, region_size)`` with x (N, C, H, W) in the compute dtype, returns
+
+    - ``anchors`` (N, K, C*r*r): the L2-normalised anchor windows (exactly ``_anchor_windows``);
+    - ``dots`` (N, V*K, L): ``dots[m, v*K + k, p]`` = anchors[members[m, v], k] . (the r x r window of image m
+      whose top-left pixel is the row-major flat position p), i.e. every image's windows against the anchors of
+      every image of its sample (``members`` (N, V), see :func:`_sample_members`);
+    - ``window_sq`` (N, L): the squared norm of that window.
+
+    Flat positions p < L = (H-r)*W + (W-r) + 1 cover every window plus r-1 wrapped-around ones per row
+    (p % W > W - r; their ``window_sq`` is 1) that the caller must ignore. The window at p covers p + dy*W + dx,
+    so ``dots`` is a sum over the r*r offsets o = dy*W + dx of (V*K, C) @ (C, L) matmuls of the kernels with the
+    strided view ``x[n, :, o : o + L]``, batched over the images: no unfolded copy of the map and no grouped
+    convolution. The backward pass runs the same matmuls against the zero-padded output gradient (for x) and the
+    same views (for the kernels), and adds the gradients of the window norms, of the anchor windows (through the
+    normalisation, as ``F.normalize`` differentiates it) and of their gather into that one gradient in place.
+    Once differentiable (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, top_left: Tensor, members: Tensor, region_size: int):
+        n, channels, height, width = x.shape
+        k, views, r = top_left.shape[0], members.shape[1], region_size
+        rows, cols = height - r + 1, width - r + 1
+        flat = x.contiguous().reshape(n, channels, height * width)
+        shifts = [dy * width + dx for dy in range(r) for dx in range(r)]
+        length = (rows - 1) * width + cols
+        # anchor windows: the pixels top_left + offset of every anchor, (N, K, C, r*r) -> normalised as F.normalize
+        corner = top_left[:, 0] * width + top_left[:, 1]
+        pixels = (corner[:, None] + torch.tensor(shifts, device=x.device)[None, :]).reshape(-1)  # (K*r*r,)
+        windows = flat[:, :, pixels].reshape(n, channels, k, r * r).permute(0, 2, 1, 3).reshape(n, k, -1)
+        norm = torch.linalg.vector_norm(windows, dim=2, keepdim=True)
+        denom = norm.clamp_min(1e-12)
+        anchors = windows / denom
+        # kernels of image m: the anchors of its sample's images, offset-major (r*r, N, V*K, C)
+        kernels = anchors.reshape(n, k, channels, r * r).permute(3, 0, 1, 2)[:, members]  # (r*r, N, V, K, C)
+        kernels = kernels.reshape(r * r, n, views * k, channels).contiguous()  # batched matmuls need plain strides
+        dots = flat.new_empty(n, views * k, length)
+        for o, shift in enumerate(shifts):
+            dots.baddbmm_(kernels[o], flat[:, :, shift : shift + length], beta=1 if o else 0)
+        # sum of squares over the channels, a few images at a time (no map-sized temporary)
+        chunk = max(1, (1 << 19) // flat[0].numel())
+        pixel_sq = torch.cat([(part * part).sum(dim=1) for part in flat.split(chunk)])
+        window_sq = F.avg_pool2d(pixel_sq.reshape(n, 1, height, width), r, 1, divisor_override=1)
+        window_sq = F.pad(window_sq, (0, r - 1), value=1.0).reshape(n, rows * width)[:, :length]
+        ctx.save_for_backward(flat, kernels, anchors, norm, denom, members, pixels)
+        ctx.geometry = (n, channels, height, width, k, views, r, shifts, length)
+        return anchors, dots, window_sq
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_anchors: Tensor, grad_dots: Tensor, grad_window_sq: Tensor):
+        flat, kernels, anchors, norm, denom, members, pixels = ctx.saved_tensors
+        n, channels, height, width, k, views, r, shifts, length = ctx.geometry
+        rows, cols = height - r + 1, width - r + 1
+        grad_dots = grad_dots.contiguous()
+        # kernels: (C, L) @ (L, V*K) per offset, then summed onto the anchors they were copied from
+        grad_kernels = flat.new_empty(r * r, n, channels, views * k)
+        for o, shift in enumerate(shifts):
+            grad_kernels[o].baddbmm_(flat[:, :, shift : shift + length], grad_dots.transpose(1, 2), beta=0)
+        grad_kernels = grad_kernels.reshape(r * r, n, channels, views, k).permute(1, 3, 4, 2, 0)
+        grad_anchors = grad_anchors.contiguous().clone()
+        grad_anchors.index_add_(0, members.reshape(-1), grad_kernels.reshape(n * views, k, -1))
+        # through anchors = windows / max(|windows|, eps)
+        radial = (anchors * grad_anchors).sum(dim=2, keepdim=True) * (norm >= 1e-12)
+        grad_windows = (grad_anchors - anchors * radial) / denom
+        # x: the transposed correlation; grad_x[:, :, p] = sum_o kernels[o]^T grad_dots[:, :, p - o], read from
+        # the output gradient zero-padded by the largest shift on both sides, so every column is written
+        pad, size = shifts[-1], height * width
+        padded = grad_dots.new_empty(n, views * k, length + 2 * pad)
+        padded[:, :, :pad] = 0
+        padded[:, :, pad : pad + length] = grad_dots
+        padded[:, :, pad + length :] = 0
+        grad_x = torch.empty_like(flat)
+        for o, shift in enumerate(shifts):
+            shifted = padded[:, :, pad - shift : pad - shift + size]
+            grad_x.baddbmm_(kernels[o].transpose(1, 2), shifted, beta=1 if o else 0)
+        # window norms: d window_sq / dx = 2 x summed over the windows covering the pixel (the adjoint box sum)
+        grad_sq = F.pad(grad_window_sq, (0, rows * width - length)).reshape(n, 1, rows, width)[:, :, :, :cols]
+        grad_sq = F.avg_pool2d(F.pad(grad_sq, (r - 1,) * 4), r, 1, divisor_override=1)  # (N, 1, H, W)
+        grad_x.addcmul_(flat, grad_sq.reshape(n, 1, size), value=2)
+        # anchor windows: back to the pixels they were gathered from (overlapping windows add up)
+        grad_windows = grad_windows.reshape(n, k, channels, r * r).permute(0, 2, 1, 3).reshape(n, channels, -1)
+        grad_x.index_add_(2, pixels, grad_windows)
+        return grad_x.reshape(n, channels, height, width), None, None, None
+
+
+class _ScaledLogSumExp(torch.autograd.Function):
+    """``LSE_l(dots[..., l] * scale[n, l] + bias[k, l])`` over the last dim of dots (N, V, K, L), scale (N, L),
+    bias (K, L) of 0 / -inf (the -inf positions drop out; every row must keep one). Shifted by the row maximum;
+    keeps only the softmax for the backward pass (grad_logits = softmax * grad), computed in place."""
+
+    @staticmethod
+    def forward(ctx, dots: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+        weights = torch.addcmul(bias, dots, scale[:, None, None, :])
+        shift = weights.amax(dim=3, keepdim=True)
+        total = weights.sub_(shift).exp_().sum(dim=3, keepdim=True)
+        ctx.save_for_backward(weights.div_(total), dots, scale)  # the softmax over l
+        return (shift + total.log()).squeeze(3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        softmax, dots, scale = ctx.saved_tensors
+        grad_logits = softmax * grad[..., None]
+        grad_scale = (grad_logits * dots).sum(dim=(1, 2)) if ctx.needs_input_grad[1] else None
+        grad_dots = grad_logits.mul_(scale[:, None, None, :]) if ctx.needs_input_grad[0] else None
+        return grad_dots, grad_scale, None
+
+
+def _dense_negative_lse(
+    dots: Tensor, window_sq: Tensor, members: Tensor, valid: Tensor, rank_in_sample: Tensor,
+    top_left: Tensor, width: int, region_size: int, temperature: float,
+) -> Tensor:
+    """(N, K) dense-mode negative log-sum-exps: LSE over every other window of every view of the anchor's sample.
+
+    From the outputs of :class:`_DenseWindows`: anchor (i, k)'s negatives are the windows of every image u of i's
+    sample (i included) at every valid position except the anchor's; the result is
+    ``LSE_{u, q} cos(anchor(i, k), window(u, q)) / t``, the quantity :func:`contrastive_pair_loss` computes (each
+    LSE shifted by its maximum), in two exact stages: over the positions q for each (window image m, anchor image,
+    k), where the masked positions are a (K, L) pattern shared by all rows, then over the views u of the sample.
+    Needs at least two windows per map (else there are no negatives).
+    """
+    n, views, k = members.shape[0], members.shape[1], top_left.shape[0]
+    length, cols = dots.shape[2], width - region_size + 1
+    position = torch.arange(length, device=dots.device)
+    corner = top_left[:, 0] * width + top_left[:, 1]
+    negative = (position % width < cols)[None, :] & (position[None, :] != corner[:, None])  # (K, L)
+    bias = torch.zeros(negative.shape, dtype=dots.dtype, device=dots.device).masked_fill_(~negative, float("-inf"))
+    scale = (window_sq.clamp(min=1e-24).sqrt() * temperature).reciprocal()  # cosine = dot / |window|, over t
+    # (N window image m, V anchor image members[m, v], K)
+    per_image = _ScaledLogSumExp.apply(dots.reshape(n, views, k, length), scale, bias)
+    # anchor i's u-th view is members[i, u], and i sits at rank_in_sample[i] in that image's member list
+    per_view = per_image[members, rank_in_sample[:, None]]  # (N anchor image, V, K)
+    per_view = per_view.masked_fill(~valid[:, :, None], float("-inf"))  # padding: never a view (u = i always is)
+    return torch.logsumexp(per_view, dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the loss modules
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,6 +566,14 @@ class LocalContrastiveLoss(nn.Module):
     ranks (``"random"`` needs none: nothing crosses samples) and both normalise as described in the module docstring;
     in dense mode the positions are broadcast from rank 0 so all ranks use the same ones.
 
+    Cost: grid mode builds the (N*K) x (N*K) region similarity and masks of :func:`local_pair_masks` (candidates:
+    the images of all ranks for L^D) and runs :func:`contrastive_pair_loss`. Dense mode never builds them: the
+    positives are K per-position image x image products, and the negatives of all anchors come from the correlation
+    of every image's map with the V*K normalised anchor windows of its sample (V = most views of a sample), as r*r
+    shifted batched matmuls (about 2 * N * V*K * C*r*r * H*W flops forward, twice that backward) reduced to
+    per-anchor log-sum-exps; memory O(N * V*K * H*W), not O((N*K)^2).
+    Everything runs in float32 (float64 stays float64) whatever the input dtype.
+
     Args:
         strategy: ``"random"`` (L^R, default) or ``"domain"`` (L^D).
         temperature: t (the paper: 0.1).
@@ -494,13 +657,14 @@ class LocalContrastiveLoss(nn.Module):
 
         x = _as_compute_dtype(features)
         top_left = centres - half
-        offsets = torch.arange(r, device=x.device)
-        win_rows = top_left[:, 0, None, None] + offsets[None, :, None]  # (K, r, 1)
-        win_cols = top_left[:, 1, None, None] + offsets[None, None, :]  # (K, 1, r)
-        anchors = x[:, :, win_rows, win_cols]  # (N, C, K, r, r)
-        anchors = F.normalize(anchors.permute(0, 2, 1, 3, 4).reshape(n, k, -1), dim=2)  # (N, K, C*r*r)
+        dense = self.region_mode == "dense" and rows * cols > 1  # a single window: no dense negatives at all
+        if dense:
+            members, valid, rank_in_sample = _sample_members(meta["sample"])  # (N, V), (N, V), (N,)
+            anchors, dots, window_sq = _DenseWindows.apply(x, top_left, members, r)
+        else:
+            anchors = _anchor_windows(x, top_left, r)  # (N, K, C*r*r)
 
-        # part 1: anchor regions vs the anchor regions of all images (positives; grid-mode negatives)
+        # anchor regions vs the anchor regions of all images: positives in both modes, negatives in grid mode
         anchor_meta = _globalise_ids(meta, torch.full_like(meta["sample"], rank), world)
         if self.strategy == "domain":
             candidates, candidate_meta, offset = _gather_batch(anchors.reshape(n, -1), meta, rank, world)
@@ -509,33 +673,27 @@ class LocalContrastiveLoss(nn.Module):
             candidates, candidate_meta, offset = anchors, anchor_meta, 0
         anchor_index = offset + torch.arange(n, device=x.device)
         image_positive, same_sample = _local_image_relations(self.strategy, anchor_meta, candidate_meta, anchor_index)
-        positive, negative = _expand_to_regions(image_positive, same_sample, k)
-        similarity = anchors.reshape(n * k, -1) @ candidates.reshape(-1, anchors.shape[2]).T
 
-        if self.region_mode == "dense":
-            # part 2: anchor regions vs every window of every view of the anchor's own sample
-            members, valid, rank_in_sample = _sample_members(meta["sample"])  # (N, V), (N, V), (N,)
-            views = members.shape[1]
-            # by_candidate[m, v, k] = every window of image m . anchor (members[m, v], k): one grouped convolution
-            # (group m = image m, kernels = the normalised anchor windows of m's sample), then / the window norms
-            kernels = anchors[members].reshape(n * views * k, features.shape[1], r, r)
-            dots = F.conv2d(x.reshape(1, -1, height, width), kernels, groups=n).reshape(n, views, k, rows * cols)
-            window_sq = F.avg_pool2d(x.pow(2).sum(dim=1, keepdim=True), r, stride=1, divisor_override=1)
-            by_candidate = dots / window_sq.clamp(min=1e-24).sqrt().reshape(n, 1, 1, rows * cols)
-            # a sample's images share one member list: anchor i's u-th candidate image is members[i, u], and i sits
-            # at rank_in_sample[i] in that image's list
-            dense = by_candidate[members, rank_in_sample[:, None]]  # (N, V, K, P): anchor (i, k) vs view u, window q
-            dense = dense.permute(0, 2, 1, 3).reshape(n * k, -1)
-            anchor_flat = top_left[:, 0] * cols + top_left[:, 1]
-            window_index = torch.arange(rows * cols, device=x.device)
-            other_position = window_index[None, None, :] != anchor_flat[None, :, None, None]
-            dense_negative = (valid[:, None, :, None] & other_position).reshape(n * k, -1)
-            similarity = torch.cat([similarity, dense], dim=1)
-            positive = torch.cat([positive, torch.zeros_like(dense_negative)], dim=1)
-            negative = torch.cat([torch.zeros_like(negative), dense_negative], dim=1)
+        if self.region_mode == "grid":
+            positive, negative = _expand_to_regions(image_positive, same_sample, k)
+            similarity = anchors.reshape(n * k, -1) @ candidates.reshape(-1, anchors.shape[2]).T
+            total = contrastive_pair_loss(similarity, positive, negative, self.temperature, reduction="sum")
+            return _normalise(total, positive.sum(), world)
 
-        total = contrastive_pair_loss(similarity, positive, negative, self.temperature, reduction="sum")
-        return _normalise(total, positive.sum(), world)
+        # dense mode: the per-pair loss of contrastive_pair_loss without building the (N*K) x (N*K + V*P) similarity
+        # and masks: positives only pair equal positions (K per-position image x image products), and each anchor's
+        # negatives (every other window of its sample's views) only enter through their log-sum-exp
+        positive_logits = torch.bmm(anchors.transpose(0, 1), candidates.permute(1, 2, 0)) / self.temperature
+        if dense:
+            negative_lse = _dense_negative_lse(
+                dots, window_sq, members, valid, rank_in_sample, top_left, width, r, self.temperature
+            )
+            pair_loss = F.softplus(negative_lse.T[:, :, None] - positive_logits)  # (K, N, N_all)
+            total = torch.where(image_positive[None, :, :], pair_loss, torch.zeros_like(pair_loss)).sum()
+        else:  # a single window: no anchor has negatives, every pair gives 0 (as in the core), graph kept
+            nothing = torch.zeros_like(positive_logits, dtype=torch.bool)
+            total = torch.where(nothing, positive_logits, torch.zeros_like(positive_logits)).sum()
+        return _normalise(total, image_positive.sum() * k, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
