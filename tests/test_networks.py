@@ -81,7 +81,7 @@ def test_load_pretrained_errors_and_random_init(tmp_path):
     torch.save({"out_conv.weight": torch.zeros(1)}, empty)
     with pytest.raises(ValueError, match="no encoder weights"):
         load_pretrained(net, str(empty))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.pt not found: run the pre-training"):
         load_pretrained(net, str(tmp_path / "missing.pt"))
 
 

@@ -15,6 +15,7 @@ from monai.bundle import ConfigWorkflow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
 SCHEMA = os.path.join(ROOT, "..", "shared", "schema", "meta_schema_20240725.json")
+TINY_NETWORK = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}
 TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
         "--cache_workers", "0"]
 
@@ -118,12 +119,14 @@ def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
 
 @pytest.mark.parametrize("name, kind", [("train.yaml", "train"), ("inference.yaml", "infer")])
 def test_configs_have_the_properties_monai_label_reads(workspace, name, kind):
-    """MONAI Label hands each file over alone, with its own data lists; every required property must resolve."""
+    """MONAI Label hands each file over alone, with its own data lists and a bundle folder that holds models/
+    (here: the workspace's models, with the pre-trained checkpoint); every required property must resolve."""
     work, _ = workspace
     image = sorted((work / "data").glob("patient*/patient*_frame01.nii.gz"))[0]
     case = {"image": str(image), "label": str(image).replace(".nii.gz", "_gt.nii.gz")}
     if kind == "train":
-        override = {"dataset_dir": str(work / "data"), "train#dataset#data": [case], "validate#dataset#data": [case]}
+        override = {"dataset_dir": str(work / "data"), "model_dir": str(work / "models"),
+                    "train#dataset#data": [case], "validate#dataset#data": [case], **TINY_NETWORK}
     else:
         override = {"datalist": [{"image": case["image"]}]}
     workflow = ConfigWorkflow(config_file=os.path.join(CONFIGS, name), workflow_type=kind, **override)

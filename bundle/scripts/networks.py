@@ -13,6 +13,7 @@ Shapes: images are (B, C_in, H, W) with H and W divisible by 2 ** (levels - 1) (
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -233,6 +234,11 @@ def load_pretrained(network: UNet2D, checkpoint: str | None, decoder_blocks: int
     if not checkpoint:
         logger.info("No pre-trained checkpoint: the network starts from random initialisation.")
         return network
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(
+            f"pre-trained checkpoint {checkpoint} not found: run the pre-training (pretrain.yaml) first, point "
+            "pretrained_checkpoint at it, or fine-tune from random initialisation with --use_pretrained False."
+        )
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = state.get("model", state)
     prefixes = pretrained_prefixes(decoder_blocks)
