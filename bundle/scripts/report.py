@@ -67,11 +67,7 @@ def read_scalars(log_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_curves(curves: Mapping[str, tuple[str, str]], output: str, smooth: int = 25) -> str:
     """One panel per curve: ``{title: (log_dir, tag)}`` -> a PNG at ``output`` (raw values and a running mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
     for ax, (title, (log_dir, tag)) in zip(axes[0], curves.items()):
         steps, values = read_scalars(log_dir, tag)
@@ -82,10 +78,9 @@ def plot_curves(curves: Mapping[str, tuple[str, str]], output: str, smooth: int 
         ax.set(title=title, xlabel="step as logged (iteration; epoch for validation metrics)", ylabel=tag)
         ax.legend(frameon=False)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=110)
+    path = _save(fig, output)
     plt.close(fig)
-    return output
+    return path
 
 
 # ---------------------------------------------------------------- the study: results.jsonl of scripts.experiments
