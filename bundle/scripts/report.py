@@ -73,14 +73,10 @@ def plot_curves(curves: Mapping[str, tuple[str, str]], output: str, smooth: int 
         steps, values = read_scalars(log_dir, tag)
         ax.plot(steps, values, color="0.75", linewidth=0.8, label="logged values")
         if len(values) >= smooth:
-            kernel = np.ones(smooth) / smooth
-            ax.plot(steps[smooth - 1 :], np.convolve(values, kernel, mode="valid"), label=f"mean of {smooth}")
+            ax.plot(*_running_mean(steps, values, smooth), label=f"mean of {smooth}")
         ax.set(title=title, xlabel="step as logged (iteration; epoch for validation metrics)", ylabel=tag)
         ax.legend(frameon=False)
-    fig.tight_layout()
-    path = _save(fig, output)
-    plt.close(fig)
-    return path
+    return _save(fig, output)
 
 
 # ---------------------------------------------------------------- the study: results.jsonl of scripts.experiments
@@ -320,10 +316,18 @@ def _pyplot():
 
 
 def _save(fig, output: str) -> str:
+    """Lay out ``fig``, write it as a PNG at ``output`` (folders created) and release it; returns ``output``."""
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=110)
-    fig.clf()
+    _pyplot().close(fig)
     return output
+
+
+def _running_mean(steps: np.ndarray, values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of each ``width`` consecutive values, placed at the last step of its window."""
+    kernel = np.ones(width) / width
+    return steps[width - 1 :], np.convolve(values, kernel, mode="valid")
 
 
 def plot_dice_vs_labelled(records: Sequence[dict], output: str, order: Sequence[str] | None = None) -> str:
@@ -356,10 +360,7 @@ def plot_dice_vs_labelled(records: Sequence[dict], output: str, order: Sequence[
            title="Test Dice against the number of labelled volumes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    path = _save(fig, output)
-    plt.close(fig)
-    return path
+    return _save(fig, output)
 
 
 def plot_loss_curves(curves: Mapping[str, Sequence[tuple[str, str, str]]], output: str, smooth: int = 50) -> str:
@@ -372,16 +373,11 @@ def plot_loss_curves(curves: Mapping[str, Sequence[tuple[str, str, str]]], outpu
                 steps, values = read_scalars(log_dir, tag)
             except (KeyError, OSError):
                 continue
-            width = max(1, min(smooth, len(values) // 5))
-            kernel = np.ones(width) / width
-            ax.plot(steps[width - 1 :], np.convolve(values, kernel, mode="valid"), label=name)
+            ax.plot(*_running_mean(steps, values, max(1, min(smooth, len(values) // 5))), label=name)
         ax.set(title=title, xlabel="iteration", ylabel=f"loss (running mean of {smooth})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    path = _save(fig, output)
-    plt.close(fig)
-    return path
+    return _save(fig, output)
 
 
 def plot_examples(rows: Sequence[Mapping], output: str) -> str:
@@ -409,7 +405,4 @@ def plot_examples(rows: Sequence[Mapping], output: str) -> str:
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    path = _save(fig, output)
-    plt.close(fig)
-    return path
+    return _save(fig, output)
