@@ -20,8 +20,9 @@ benchmark on all labelled training volumes. It becomes a list of jobs:
   fine-tuning (``train.yaml``; model selection on the validation volumes) then evaluation (``evaluate.yaml``) on the
   test volumes.
 
-Pre-trainings run first; fine-tunings then go round by round (subset i of every |XL| for every initialisation), so an
-interrupted study has the same subsets for every initialisation.
+Pre-trainings come first; fine-tunings then go round by round (subset i of every |XL| for every initialisation), so an
+interrupted study has the same subsets for every initialisation. ``--workers N`` runs N jobs at a time, each as soon as
+the jobs it needs are done (on 2 cores, two single-threaded jobs do more per hour than one job on two threads).
 
 Experiment folder::
 
@@ -55,7 +56,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import yaml
@@ -432,15 +435,22 @@ def _die_with_parent(parent: int):
     return setup
 
 
+_LIVE: set = set()              # the stage subprocesses running now, from every worker thread
+_LIVE_LOCK = threading.Lock()
+
+
 def run_command(command: list[str], log_file: str, env: dict, echo: bool = False) -> int:
     """Run ``command`` with stdout + stderr to ``log_file`` (and to the console with ``echo``); returns its exit
-    status. An exception in the runner (SIGTERM, Ctrl-C) stops the subprocess before propagating."""
+    status. An exception in the calling thread stops the subprocess before propagating; ``stop_commands`` stops
+    the subprocesses of every thread (the runner's main thread calls it on SIGTERM or Ctrl-C)."""
     with open(log_file, "w") as log:
         log.write("$ " + shlex.join(command) + "\n\n")
         log.flush()
         process = subprocess.Popen(command, stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT,
                                    env=env, preexec_fn=_die_with_parent(os.getpid()),
                                    text=echo, bufsize=1 if echo else -1)
+        with _LIVE_LOCK:
+            _LIVE.add(process)
         try:
             if echo:
                 for line in process.stdout:
@@ -448,16 +458,32 @@ def run_command(command: list[str], log_file: str, env: dict, echo: bool = False
                     sys.stdout.write(line)
             return process.wait()
         except BaseException:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop([process])
             raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(process)
+
+
+def stop_commands() -> None:
+    """Stop every stage subprocess still running (SIGTERM, then SIGKILL after 30 s)."""
+    with _LIVE_LOCK:
+        processes = list(_LIVE)
+    _stop(processes)
+
+
+def _stop(processes: list) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _raise_on_sigterm(signum, frame):
-    print("\nterminated: the unfinished job has no result line and runs again on the next start", flush=True)
+    print("\nterminated: an unfinished job has no result line and runs again on the next start", flush=True)
     raise SystemExit(128 + signum)
 
 
@@ -563,7 +589,8 @@ def _nanmean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_going: bool = False) -> int:
+def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_going: bool = False,
+        workers: int = 1) -> int:
     """Run every job of ``plan`` that is not done yet; returns the number of jobs that failed.
 
     Args:
@@ -571,7 +598,11 @@ def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_g
         experiment_dir: replaces the plan's ``experiment_dir``.
         echo: also stream each subprocess's output to the console (it always goes to the job's log files).
         keep_going: on a failed job, go on with the jobs that do not depend on it (default: stop).
+        workers: jobs run at the same time, each as soon as the jobs it needs are done, in plan order. With more
+            than one, each job gets ``OMP_NUM_THREADS`` = CPU cores / workers unless the plan's ``env`` sets it.
     """
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}.")
     config = load_plan(plan, experiment_dir)
     exp = config["experiment_dir"]
     os.makedirs(exp, exist_ok=True)
@@ -582,13 +613,13 @@ def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_g
         raise RuntimeError(f"another runner is working in {exp}.") from None
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        return _run(config, echo, keep_going)
+        return _run(config, echo, keep_going, int(workers))
     finally:
         signal.signal(signal.SIGTERM, previous)
         lock.close()
 
 
-def _run(plan: dict, echo: bool, keep_going: bool) -> int:
+def _run(plan: dict, echo: bool, keep_going: bool, workers: int = 1) -> int:
     exp = plan["experiment_dir"]
     jobs = build_jobs(plan)
     done = done_records(exp)
@@ -602,58 +633,91 @@ def _run(plan: dict, echo: bool, keep_going: bool) -> int:
     estimator = Estimator(plan["estimate"], done)
     pending = [j for j in jobs if j.id not in done]
     print(f"experiment {exp}: {len(jobs)} jobs, {len(jobs) - len(pending)} done, {len(pending)} to run "
-          f"(about {_duration(sum(estimator.seconds(j) for j in pending))})", flush=True)
+          f"(about {_duration(sum(estimator.seconds(j) for j in pending) / workers)}"
+          + (f", {workers} at a time" if workers > 1 else "") + ")", flush=True)
     if not pending:
         return 0
     labels, sizes = {}, {}
     if not plan["dataset"]["prepare"] or "prepare" in done:
         labels, sizes = _check_datalist(plan, jobs)
     env = {**os.environ, **plan["env"], "PYTHONUNBUFFERED": "1"}
+    if workers > 1 and "OMP_NUM_THREADS" not in plan["env"]:   # share the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    position = {job.id: f"[{len(jobs) - len(pending) + n}/{len(jobs)}]" for n, job in enumerate(pending, 1)}
     failed: set[str] = set()
+    waiting, running = list(pending), {}
+    stopping = False
     started = time.time()
-    for number, job in enumerate(pending, 1):
-        position = f"[{len(jobs) - len(pending) + number}/{len(jobs)}]"
-        blocked = [n for n in job.needs if n in failed or (n not in done)]
-        if blocked:
-            print(f"{position} {_describe(job)}: skipped, {blocked[0]} did not finish", flush=True)
-            failed.add(job.id)
-            continue
-        print(f"{position} {_describe(job)} ...", flush=True)
-        shutil.rmtree(job.folder, ignore_errors=True)   # partial outputs of a killed attempt
-        os.makedirs(job.folder)
-        times = {}
-        for step, command in job.steps:
-            _log_command(exp, job.id, command)
-            log_file = os.path.join(job.folder, f"{step}.log")
-            t0 = time.time()
-            status = run_command(command, log_file, env, echo=echo)
-            times[step] = round(time.time() - t0, 1)
-            if status != 0:
-                print(f"    FAILED: {step} exited with status {status}; the last lines of {log_file}:", flush=True)
-                print(_tail(log_file), flush=True)
-                failed.add(job.id)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        while waiting or running:
+            for job in list(waiting):   # start what can start, in plan order
+                if any(n in failed for n in job.needs):
+                    print(f"{position[job.id]} {_describe(job)}: skipped, "
+                          f"{next(n for n in job.needs if n in failed)} did not finish", flush=True)
+                    failed.add(job.id)
+                    waiting.remove(job)
+                elif not stopping and len(running) < workers and all(n in done for n in job.needs):
+                    print(f"{position[job.id]} {_describe(job)} ...", flush=True)
+                    waiting.remove(job)
+                    running[pool.submit(_execute, job, exp, env, echo)] = job
+            if not running:
                 break
-        if job.id in failed:
-            if not keep_going:
-                print("stopped; fix the cause and run again (finished jobs are kept).", flush=True)
-                return len(failed)
-            continue
-        record = {"id": job.id, "kind": job.kind, **job.info}
-        if job.kind == "prepare":
-            labels, sizes = _check_datalist(plan, jobs)
-        if job.kind == "finetune":
-            record = {"id": job.id, **_result(job, exp, labels, sizes)}
-        record.update(config=_jsonable(job.config), wall_time_s=times, finished=_now(), machine=_machine())
-        append_ledger(os.path.join(exp, job.ledger), record)
-        done[job.id] = record
-        estimator.add(record)
-        left = sum(estimator.seconds(j) for j in pending[number:] if j.id not in failed)
-        score = f", test Dice {record['mean_dice']:.3f}" if record.get("mean_dice") is not None else ""
-        print(f"    done in {_duration(sum(times.values()))}{score}; about {_duration(left)} left", flush=True)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                times, failure = future.result()
+                if failure:
+                    print(f"    FAILED: {job.id}: {failure}", flush=True)
+                    failed.add(job.id)
+                    stopping = stopping or not keep_going
+                    continue
+                record = {"id": job.id, "kind": job.kind, **job.info}
+                if job.kind == "prepare":
+                    labels, sizes = _check_datalist(plan, jobs)
+                if job.kind == "finetune":
+                    record = {"id": job.id, **_result(job, exp, labels, sizes)}
+                record.update(config=_jsonable(job.config), wall_time_s=times, finished=_now(), machine=_machine())
+                append_ledger(os.path.join(exp, job.ledger), record)
+                done[job.id] = record
+                estimator.add(record)
+                left = sum(estimator.seconds(j) for j in waiting + list(running.values())) / workers
+                score = f", test Dice {record['mean_dice']:.3f}" if record.get("mean_dice") is not None else ""
+                where = f"{job.id} " if workers > 1 else ""
+                print(f"    {where}done in {_duration(sum(times.values()))}{score}; about {_duration(left)} left",
+                      flush=True)
+    except BaseException:   # SIGTERM or Ctrl-C: no job that is still running gets a line
+        stop_commands()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    if stopping:
+        print("stopped; fix the cause and run again (finished jobs are kept).", flush=True)
+        return len(failed)
+    for job in waiting:   # needs that are not in the plan: cannot happen with build_jobs, said rather than hidden
+        print(f"{position[job.id]} {_describe(job)}: skipped, its needs never finished", flush=True)
+        failed.add(job.id)
     print(f"finished {len(pending) - len(failed)} job(s) in {_duration(time.time() - started)}"
           + (f", {len(failed)} failed or skipped" if failed else "") + f"; results: {os.path.join(exp, RESULTS)}",
           flush=True)
     return len(failed)
+
+
+def _execute(job: Job, exp: str, env: dict, echo: bool) -> tuple[dict, str | None]:
+    """Run a job's steps in order in a fresh folder (a worker thread); returns the seconds per step and, when a
+    step failed, what to print about it (else None)."""
+    shutil.rmtree(job.folder, ignore_errors=True)   # partial outputs of a killed attempt
+    os.makedirs(job.folder)
+    times = {}
+    for step, command in job.steps:
+        _log_command(exp, job.id, command)
+        log_file = os.path.join(job.folder, f"{step}.log")
+        t0 = time.time()
+        status = run_command(command, log_file, env, echo=echo)
+        times[step] = round(time.time() - t0, 1)
+        if status != 0:
+            return times, f"{step} exited with status {status}; the last lines of {log_file}:\n{_tail(log_file)}"
+    return times, None
 
 
 def _now() -> str:
@@ -661,7 +725,7 @@ def _now() -> str:
 
 
 def _log_command(exp: str, job_id: str, command: list[str]) -> None:
-    with open(os.path.join(exp, COMMANDS), "a") as f:
+    with _LIVE_LOCK, open(os.path.join(exp, COMMANDS), "a") as f:   # one writer at a time (worker threads)
         f.write(f"# {_now()} {job_id}\n{shlex.join(command)}\n")
 
 
@@ -826,7 +890,7 @@ def _run_and_exit(*args, **kwargs) -> None:
     try:
         failed = run(*args, **kwargs)
     except KeyboardInterrupt:
-        print("\ninterrupted: the unfinished job has no result line and runs again on the next start", flush=True)
+        print("\ninterrupted: an unfinished job has no result line and runs again on the next start", flush=True)
         sys.exit(130)
     except (ValueError, RuntimeError, FileNotFoundError) as error:   # a bad plan, a busy folder, no dataset
         print(f"error: {error}", file=sys.stderr, flush=True)
