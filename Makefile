@@ -37,8 +37,9 @@ bench: venv
 
 # the study of PLAN (resumable: run it again after an interruption), then its tables and figures into docs/study/
 PLAN ?= docs/experiments/acdc_cpu.yaml
+WORKERS ?= 1   # jobs at a time (2 on a 2-core machine: docs/experiments.md)
 experiments: venv
-	PYTHONPATH=bundle $(PY) -m scripts.experiments run $(PLAN)
+	PYTHONPATH=bundle $(PY) -m scripts.experiments run $(PLAN) --workers $(WORKERS)
 report: venv
 	PYTHONPATH=bundle $(PY) -m scripts.experiments report $(PLAN) --output docs/study/$(basename $(notdir $(PLAN)))
 

@@ -36,13 +36,15 @@ def option(command, key):
 
 
 # ---------------------------------------------------------------- plans -> jobs -> commands (no subprocess)
-@pytest.mark.parametrize("name, subsets, benchmark", [("acdc_cpu.yaml", 7, 2), ("acdc_paper.yaml", 13, 3)])
-def test_shipped_plans_expand_into_the_study(tmp_path, name, subsets, benchmark):
+@pytest.mark.parametrize("name, inits, stages, subsets, benchmark",
+                         [("acdc_cpu.yaml", 8, 5, 7, 2), ("acdc_paper.yaml", 7, 4, 13, 3)])
+def test_shipped_plans_expand_into_the_study(tmp_path, name, inits, stages, subsets, benchmark):
     plan, jobs = plan_jobs(name, tmp_path)
     kinds = [j.kind for j in jobs.values()]
     assert kinds.count("prepare") == 1
-    assert kinds.count("global") == 4 and kinds.count("local") == 2   # one global stage per strategy, shared
-    assert kinds.count("finetune") == 7 * subsets + benchmark
+    # one global stage per strategy (and per recipe with its own pre-training overrides), shared
+    assert kinds.count("global") == stages and kinds.count("local") == 2
+    assert kinds.count("finetune") == inits * subsets + benchmark
     assert len({j.folder for j in jobs.values()}) == len(jobs)        # every job writes into its own folder
     order = list(jobs)
     last_pretraining = max(i for i, j in enumerate(jobs.values()) if j.kind in ("global", "local"))
@@ -152,6 +154,14 @@ def test_report_tables_and_claims_from_records(tmp_path):
     assert "is 10.6% below the benchmark (0.900) — the paper's 'within 8%' does not hold" in text
     png = report.plot_dice_vs_labelled(records, str(tmp_path / "dice.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_wall_time_spans_jobs_that_ran_side_by_side():
+    jobs = [{"finished": "2026-01-01T10:00:00+00:00", "wall_time_s": {"finetune": 90.0, "evaluate": 10.0}},
+            {"finished": "2026-01-01T10:01:00+00:00", "wall_time_s": {"pretrain_global": 50.0}},
+            {"id": "no times"}]
+    assert report._elapsed(jobs) == 160.0   # 09:58:20 (first start) to 10:01:00 (last end), not 100 + 50 s
+    assert report._elapsed([{"id": "no times"}]) is None
 
 
 # ---------------------------------------------------------------- the smoke plan, end to end through the command line

@@ -500,7 +500,7 @@ def _describe(job: Job) -> str:
     if job.kind == "prepare":
         return f"prepare data ({job.steps[0][0]})"
     if job.kind == "global":
-        return f"pre-train global {job.info['strategy']} (seed {job.info['seed']})"
+        return f"pre-train global {job.info['strategy']} (seed {job.info['seed']}; {job.id})"
     if job.kind == "local":
         return f"pre-train local {job.info['strategy']} after {job.info['global']}"
     size = job.info["num_labelled"]

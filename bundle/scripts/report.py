@@ -286,8 +286,11 @@ def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: 
     total = sum(sum(v) for v in times.values())
     machines = sorted({f"{m['node']} ({m['cpus']} CPUs, {m['platform']})" for m in
                        (r.get("machine") for r in [*stages, *records]) if m})
+    elapsed = _elapsed([*stages, *records])
+    span = (f" From the first job's start to the last job's end: {_minutes(elapsed)} (less than the total when jobs "
+            "ran side by side, more when the runner was paused between starts)." if elapsed else "")
     out += ["", "## Wall time", "", f"Total {_minutes(total)} over {len(stages) + len(records)} jobs, on "
-            + "; ".join(machines) + ".", "", "| step | runs | mean per run | total |", "|---|---|---|---|"]
+            + "; ".join(machines) + "." + span, "", "| step | runs | mean per run | total |", "|---|---|---|---|"]
     out += [f"| {step} | {len(v)} | {_minutes(np.mean(v))} | {_minutes(sum(v))} |" for step, v in times.items()]
     if protocol:
         import yaml
@@ -295,6 +298,18 @@ def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: 
         dumped = yaml.safe_dump(dict(protocol), sort_keys=False, allow_unicode=True, default_flow_style=None)
         out += ["", "## Protocol (config overrides per stage)", "", "```yaml", dumped.rstrip(), "```"]
     return "\n".join(out) + "\n"
+
+
+def _elapsed(records: Sequence[dict]) -> float | None:
+    """Seconds from the earliest job start (``finished`` minus its ``wall_time_s``) to the latest ``finished``."""
+    import datetime
+
+    spans = []
+    for r in records:
+        if r.get("finished") and r.get("wall_time_s"):
+            end = datetime.datetime.fromisoformat(r["finished"]).timestamp()
+            spans.append((end - sum(r["wall_time_s"].values()), end))
+    return max(e for _, e in spans) - min(s for s, _ in spans) if spans else None
 
 
 def _minutes(seconds: float) -> str:
