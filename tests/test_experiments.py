@@ -150,7 +150,7 @@ def test_report_tables_and_claims_from_records(tmp_path):
     assert "| G^R | +0.050 ± 0.000 (2/2) | +0.050 ± 0.000 (2/2) | – |" in text   # paired gain over random
     ordering = "|XL| = 1: random (0.505) < G^R (0.555) < G^D− (0.605) < G^D (0.655) — the paper's ordering holds."
     assert ordering in text
-    assert "G^D + L^R vs G^D: +0.050 — the local stage helps" in text
+    assert "G^D + L^R vs G^D: +0.050, better in 2/2 paired subsets — the local stage helps" in text
     assert "is 10.6% below the benchmark (0.900) — the paper's 'within 8%' does not hold" in text
     png = report.plot_dice_vs_labelled(records, str(tmp_path / "dice.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"

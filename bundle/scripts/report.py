@@ -231,8 +231,14 @@ def study_claims(records: Sequence[dict]) -> list[str]:
             top = by_recipe.get(("domain", local))
             if base and top and not np.isnan(mean(base, size)) and not np.isnan(mean(top, size)):
                 gain = mean(top, size) - mean(base, size)
-                lines.append(f"{_xl(size, False)}: {top} vs {base}: {gain:+.3f} — the local stage "
-                             f"{'helps' if gain > 0 else 'does not help'}.")
+                before = {(r["subset"], r["seed"]): r["mean_dice"] for r in groups[(base, size)]}
+                pairs = [r["mean_dice"] - before[(r["subset"], r["seed"])] for r in groups[(top, size)]
+                         if (r["subset"], r["seed"]) in before]
+                better = sum(d > 0 for d in pairs)
+                verdict = ("helps" if pairs and better == len(pairs) else "does not help" if better == 0
+                           else "helps in some subsets, not in others")
+                lines.append(f"{_xl(size, False)}: {top} vs {base}: {gain:+.3f}, better in {better}/{len(pairs)} "
+                             f"paired subsets — the local stage {verdict}.")
     bench = _benchmark(records)
     if bench is not None and (2 in _sizes(records)):
         best = max(((label, mean(label, 2)) for (label, s) in groups if s == 2), key=lambda x: x[1])
