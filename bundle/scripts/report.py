@@ -113,6 +113,13 @@ def _group(records: Sequence[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
+def _paired_gains(groups: Mapping[tuple, list[dict]], base: str, label: str, size) -> list[float]:
+    """Mean Dice of ``label`` minus that of ``base`` at ``size``, one difference per (subset, seed) both ran."""
+    before = {(r["subset"], r["seed"]): r["mean_dice"] for r in groups.get((base, size), [])}
+    return [r["mean_dice"] - before[(r["subset"], r["seed"])] for r in groups.get((label, size), [])
+            if (r["subset"], r["seed"]) in before]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value), NaNs left out."""
     values = np.asarray([v for v in values if v is not None], dtype=float)
@@ -182,9 +189,7 @@ def study_tables(records: Sequence[dict], order: Sequence[str] | None = None) ->
                 continue
             cells = []
             for s in sizes:
-                base = {(r["subset"], r["seed"]): r["mean_dice"] for r in groups.get((random_label, s), [])}
-                diffs = [r["mean_dice"] - base[(r["subset"], r["seed"])] for r in groups.get((label, s), [])
-                         if (r["subset"], r["seed"]) in base]
+                diffs = _paired_gains(groups, random_label, label, s)
                 mean, std = _mean_std(diffs)
                 better = sum(d > 0 for d in diffs)
                 cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({better}/{len(diffs)})")
@@ -231,9 +236,7 @@ def study_claims(records: Sequence[dict]) -> list[str]:
             top = by_recipe.get(("domain", local))
             if base and top and not np.isnan(mean(base, size)) and not np.isnan(mean(top, size)):
                 gain = mean(top, size) - mean(base, size)
-                before = {(r["subset"], r["seed"]): r["mean_dice"] for r in groups[(base, size)]}
-                pairs = [r["mean_dice"] - before[(r["subset"], r["seed"])] for r in groups[(top, size)]
-                         if (r["subset"], r["seed"]) in before]
+                pairs = _paired_gains(groups, base, top, size)
                 better = sum(d > 0 for d in pairs)
                 verdict = ("helps" if pairs and better == len(pairs) else "does not help" if better == 0
                            else "helps in some subsets, not in others")
