@@ -183,10 +183,9 @@ class SliceAxisLastd(MapTransform, InvertibleTransform):
                 axis = choose_slice_axis(affine, self.slice_axis)
             order = [a for a in range(3) if a != axis] + [axis]
             out = img.permute(0, *(a + 1 for a in order))
-            swap = np.eye(4)
-            swap[:3, :3] = np.eye(3)[:, order]  # new axis i is old axis order[i]
             if isinstance(out, MetaTensor):
-                out = self.push_transform(out, affine=torch.as_tensor(swap), extra_info={"order": order})
+                out = self.push_transform(out, affine=torch.as_tensor(_axis_order_matrix(order)),
+                                          extra_info={"order": order})
             d[key] = out
         return d
 
@@ -197,11 +196,16 @@ class SliceAxisLastd(MapTransform, InvertibleTransform):
             order = self.pop_transform(img)["extra_info"]["order"]
             back = [int(i) for i in np.argsort(order)]
             out = img.permute(0, *(a + 1 for a in back))
-            swap = np.eye(4)
-            swap[:3, :3] = np.eye(3)[:, order]
-            out.affine = out.affine @ torch.as_tensor(swap.T, dtype=torch.float64)
+            out.affine = out.affine @ torch.as_tensor(_axis_order_matrix(order).T, dtype=torch.float64)
             d[key] = out
         return d
+
+
+def _axis_order_matrix(order: Sequence[int]) -> np.ndarray:
+    """(4, 4) homogeneous matrix that reorders the spatial axes: new axis i is old axis ``order[i]``."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.eye(3)[:, list(order)]
+    return matrix
 
 
 class PlaceholderSpacingd(MapTransform, InvertibleTransform):
