@@ -57,7 +57,8 @@ def trained(tmp_path_factory):
     """A dataset prepared at 32 px / 6 mm, a model fine-tuned on it (random init, a few steps), and a folder of
     inputs: two good volumes, a truncated file and a 2D file."""
     work = tmp_path_factory.mktemp("contract")
-    paths = ["--dataset_dir", str(work / "data"), "--model_dir", str(work / "models"), "--output_dir", str(work / "eval")]
+    paths = ["--dataset_dir", str(work / "data"), "--model_dir", str(work / "models"),
+             "--output_dir", str(work / "eval")]
     ok(work, "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"), *paths, "--image_size", "32",
        "--spacing", "6.0", "--synthetic#num_patients", "5", "--synthetic#num_validation", "1", "--synthetic#num_test",
        "1", "--synthetic#subset_sizes", "[1]", "--synthetic#num_subsets", "[1]")
@@ -133,7 +134,8 @@ CASES = {
                                      str(w / "inputs" / "good" / "*"), "--checkpoint", str(w / "models" / "model.pt")],
                           "--spacing 1.5 contradicts spacing = 6.0"),
     "unreadable image": (lambda w: ["--config_file", config("inference.yaml"), "--checkpoint",
-                                    str(w / "models" / "model.pt"), "--input_glob", str(w / "inputs" / "mixed" / "tr*")],
+                                    str(w / "models" / "model.pt"), "--input_glob",
+                                    str(w / "inputs" / "mixed" / "tr*")],
                          "1 of 1 input(s) cannot be segmented, nothing was written: truncated.nii.gz: cannot be read"),
     "wrong dimensionality": (lambda w: ["--config_file", config("inference.yaml"), "--checkpoint",
                                         str(w / "models" / "model.pt"), "--input_glob",
@@ -182,7 +184,8 @@ def test_inference_over_a_folder_skips_bad_files_by_name(trained):
     assert line.startswith("ERROR: 2 of 4 input(s) skipped (") and "the other 2 were segmented" in line, err[-2000:]
     assert "flat.nii.gz: image is 2D" in line and "truncated.nii.gz: cannot be read" in line
     written = read_labels(trained / "pred_mixed")
-    assert sorted(written) == sorted(n.replace(".nii.gz", "_seg.nii.gz") for n in os.listdir(trained / "inputs" / "good"))
+    good = os.listdir(trained / "inputs" / "good")
+    assert sorted(written) == sorted(n.replace(".nii.gz", "_seg.nii.gz") for n in good)
     if not (trained / "pred_plain").exists():
         assert infer(trained, "good", "pred_plain")[0] == 0
     for name, labels in read_labels(trained / "pred_plain").items():  # each good file's output is the right one
@@ -222,7 +225,7 @@ def test_overrides_must_agree_with_the_contract(tmp_path):
     model = _checkpoint(tmp_path / "m.pt", contract)
     assert resolve(model=model, overrides={"image_size": "32", "spacing": 6, "slice_axis": "2", "num_classes": 4,
                                            "channel": None}) == contract
-    with pytest.raises(BundleError, match=r"--num_classes 3 contradicts num_classes = 4 in the data contract of .*m\.pt"):
+    with pytest.raises(BundleError, match=r"--num_classes 3 contradicts num_classes = 4 in the data contract of .*m.pt"):
         resolve(model=model, overrides={"num_classes": 3})
     with pytest.raises(BundleError, match="'colour' is not a data contract entry"):
         resolve(model=model, overrides={"colour": 1})
@@ -240,3 +243,20 @@ def test_fallbacks_metadata_and_old_checkpoints(tmp_path, caplog):
     assert "carries no data contract" in caplog.text
     with pytest.raises(BundleError, match="no data contract found"):
         resolve(data=str(tmp_path / "absent.json"))
+
+
+def test_contract_is_copied_into_the_metadata(tmp_path):
+    from scripts.cli import contract as copy_contract
+
+    metadata = tmp_path / "metadata.json"
+    shutil.copy(os.path.join(CONFIGS, "metadata.json"), metadata)
+    prostate = make_contract(96, 0.625, ["background", "peripheral zone", "transition zone"], channel=0)
+    copy_contract(_checkpoint(tmp_path / "m.pt", prostate), str(metadata))
+    meta = json.load(open(metadata))
+    assert meta["data_contract"] == prostate
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "background", "1": "peripheral zone", "2": "transition zone"}
+    assert pred["num_channels"] == 3 and meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [96, 96]
+    with pytest.raises(BundleError, match="carries no data contract"):
+        torch.save({"model": {}}, tmp_path / "old.pt")
+        copy_contract(str(tmp_path / "old.pt"), str(metadata))
