@@ -33,15 +33,15 @@ verify: venv
 
 # speed and peak memory of the contrastive losses, and their share of a pre-training step (add ARGS=--paper for 192x192)
 bench: venv
-	PYTHONPATH=bundle $(PY) -m scripts.benchmark $(ARGS)
+	PYTHONPATH=bundle $(PY) -m study.benchmark $(ARGS)
 
 # the study of PLAN (resumable: run it again after an interruption), then its tables and figures into docs/study/
 PLAN ?= docs/experiments/acdc_cpu.yaml
 WORKERS ?= 1   # jobs at a time (2 on a 2-core machine: docs/experiments.md)
 experiments: venv
-	PYTHONPATH=bundle $(PY) -m scripts.experiments run $(PLAN) --workers $(WORKERS)
+	PYTHONPATH=bundle $(PY) -m study.experiments run $(PLAN) --workers $(WORKERS)
 report: venv
-	PYTHONPATH=bundle $(PY) -m scripts.experiments report $(PLAN) --output docs/study/$(basename $(notdir $(PLAN)))
+	PYTHONPATH=bundle $(PY) -m study.experiments report $(PLAN) --output docs/study/$(basename $(notdir $(PLAN)))
 
 clean:
 	rm -rf $(VENV) runs bundle/eval bundle/data
