@@ -38,9 +38,10 @@ verify: venv
 RELEASE_URL ?=
 DATASET ?=
 DATA_LICENCE ?=
+PACK_ARGS = $(if $(strip $(RELEASE_URL)),--url "$(RELEASE_URL)") $(if $(strip $(DATASET)),--dataset "$(DATASET)") \
+            $(if $(strip $(DATA_LICENCE)),--data_licence "$(DATA_LICENCE)")
 bundle: venv
-	$(PY) -m study.release pack $(if $(strip $(RELEASE_URL)),--url "$(RELEASE_URL)") \
-	    $(if $(strip $(DATASET)),--dataset "$(DATASET)") $(if $(strip $(DATA_LICENCE)),--data_licence "$(DATA_LICENCE)")
+	$(PY) -m study.release pack $(strip $(PACK_ARGS))
 
 # a new version in metadata.json with its changelog entry: make version VERSION=0.2.0 CHANGE="what changed"
 version: venv

@@ -42,7 +42,7 @@ DEFAULT_URL = "https://github.com/OWNER/REPOSITORY/releases/download/v{version}"
 SHIPPED = ("LICENSE", "configs", "scripts", "docs")   # files and folders of the bundle that go into the archive
 SKIPPED_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".tmp", "~")
-C = "configs"
+C = "bundle/configs"   # the messages are for the maintainer packing from the repository root
 # weight file -> the run that writes it (said when it is missing); the first two are required
 REQUIRED_WEIGHTS = {
     "models/pretrained_global.pt": "the global pre-training stage: python -m monai.bundle run pretrain_global "
@@ -258,14 +258,22 @@ def set_version(version: str, change: str, bundle_dir: str = BUNDLE_DIR) -> str:
     return path
 
 
+def _as_text(value) -> str | None:
+    """A command-line value back to the text typed: python-fire reads "ACDC, MRI" as a tuple and 2024 as a number."""
+    if value is None:
+        return None
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _pack_command(*args, **kwargs) -> None:
-    written = pack(*args, **kwargs)
+    args = [_as_text(a) for a in args]
+    written = pack(*args, **{k: _as_text(v) for k, v in kwargs.items()})
     for path in [written["archive"], written["large_files"], *written["weights"]]:
         print(path)
 
 
 def _version_command(version: str, change: str, bundle_dir: str = BUNDLE_DIR) -> None:
-    print(set_version(str(version), change, bundle_dir))
+    print(set_version(_as_text(version), _as_text(change), bundle_dir))
 
 
 def main() -> None:
