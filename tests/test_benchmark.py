@@ -1,4 +1,4 @@
-"""The loss benchmark (scripts.benchmark): tiny runs of every part, the measuring helpers and the CLI output."""
+"""The loss benchmark (study.benchmark): tiny runs of every part, the measuring helpers and the CLI output."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from scripts import benchmark
+from study import benchmark
 from scripts.losses import GLOBAL_STRATEGIES, LOCAL_STRATEGIES
 
 

@@ -1,4 +1,4 @@
-"""The study runner (scripts.experiments) and its report.
+"""The study runner (study.experiments) and its report (study.report).
 
 Fast checks expand the shipped plans into jobs and commands without running them. The end-to-end checks run the
 smoke plan (docs/experiments/smoke.yaml: synthetic data, a tiny U-Net, two initialisations, one subset) once through
@@ -16,12 +16,12 @@ import fire.parser
 import pytest
 import yaml
 
-from scripts import experiments as ex
-from scripts import report
+from study import experiments as ex
+from study import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = os.path.join(ROOT, "docs", "experiments")
-ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "bundle")}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "bundle"), ROOT])}
 
 
 def plan_jobs(name, tmp_path):
@@ -166,7 +166,7 @@ def test_wall_time_spans_jobs_that_ran_side_by_side():
 
 # ---------------------------------------------------------------- the smoke plan, end to end through the command line
 def runner(*args):
-    return [sys.executable, "-m", "scripts.experiments", *args]
+    return [sys.executable, "-m", "study.experiments", *args]
 
 
 def lines(path):

@@ -1,8 +1,7 @@
 """Command line helpers around the bundle's workflows (``PYTHONPATH=bundle python -m scripts.cli <command>``).
 
 The stages themselves run through ``python -m monai.bundle run``; these commands only look at their outputs.
-The study (a plan of many runs) has its own runner, ``python -m scripts.experiments run <plan>``; ``study`` here writes
-its report.
+(A whole study of many runs is repository tooling, outside the bundle: ``python -m study.experiments``.)
 """
 
 from __future__ import annotations
@@ -36,15 +35,6 @@ def curves(output: str, **curves: str) -> None:
     print(plot_curves(panels, output))
 
 
-def study(target: str, output: str, examples: bool = True) -> None:
-    """Report of a study run by ``scripts.experiments``: ``target`` is its plan file or experiment folder; writes
-    results.md (tables, the paper's claims checked, wall time), dice_vs_labelled.png, pretraining_losses.png and
-    examples.png into ``output``, e.g. ``study docs/experiments/acdc_cpu.yaml --output docs/study/acdc_cpu``."""
-    from scripts.experiments import report
-
-    report(target, output, examples=examples)
-
-
 def contract(checkpoint: str, metadata: str | None = None) -> None:
     """Copy the data contract of a trained ``checkpoint`` into the bundle's ``metadata.json`` (``data_contract``,
     the class names MONAI Label lists, the input's spatial shape) before shipping it, e.g.
@@ -58,7 +48,7 @@ def contract(checkpoint: str, metadata: str | None = None) -> None:
 
 
 def main() -> None:
-    fire.Fire({"compare": compare, "curves": curves, "study": study, "contract": contract})
+    fire.Fire({"compare": compare, "curves": curves, "contract": contract})
 
 
 if __name__ == "__main__":

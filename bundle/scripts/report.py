@@ -65,270 +65,20 @@ def read_scalars(log_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_curves(curves: Mapping[str, tuple[str, str]], output: str, smooth: int = 25) -> str:
     """One panel per curve: ``{title: (log_dir, tag)}`` -> a PNG at ``output`` (raw values and a running mean)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
     for ax, (title, (log_dir, tag)) in zip(axes[0], curves.items()):
         steps, values = read_scalars(log_dir, tag)
         ax.plot(steps, values, color="0.75", linewidth=0.8, label="logged values")
         if len(values) >= smooth:
-            ax.plot(*_running_mean(steps, values, smooth), label=f"mean of {smooth}")
+            ax.plot(*running_mean(steps, values, smooth), label=f"mean of {smooth}")
         ax.set(title=title, xlabel="step as logged (iteration; epoch for validation metrics)", ylabel=tag)
         ax.legend(frameon=False)
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
-# ---------------------------------------------------------------- the study: results.jsonl of scripts.experiments
-# A results line holds "label" (initialisation), "recipe" ({"global", "local"} strategies, null for none),
-# "num_labelled" (|XL|, or "all" for the benchmark), "subset", "seed", "volumes" ([{"image", "dice": per class}]),
-# "classes", "class_dice" and "mean_dice" (means over the run's test volumes), "wall_time_s".
-PAPER_ORDER = ((None, None), ("random", None), ("domain_minus", None), ("domain", None))   # random < G^R < G^D- < G^D
-
-
-def read_dice_rows(evaluation_dir: str) -> tuple[list[str], list[list[float]]]:
-    """(file names, Dice per volume and foreground class) from ``evaluation_dir``; NaN where undefined."""
-    path = os.path.join(evaluation_dir, DICE_CSV)
-    dice = read_dice(evaluation_dir)
-    with open(path) as f:
-        names = [row["filename"] for row in csv.DictReader(f)]
-    return names, dice.tolist()
-
-
-def _sizes(records: Sequence[dict]) -> list:
-    numbers = sorted({r["num_labelled"] for r in records if r["num_labelled"] != "all"})
-    return numbers + (["all"] if any(r["num_labelled"] == "all" for r in records) else [])
-
-
-def _labels(records: Sequence[dict], order: Sequence[str] | None) -> list[str]:
-    present = {r["label"] for r in records}
-    return [n for n in (order or []) if n in present] + sorted(present - set(order or []))
-
-
-def _group(records: Sequence[dict]) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        if r.get("mean_dice") is not None:
-            groups.setdefault((r["label"], r["num_labelled"]), []).append(r)
-    return groups
-
-
-def _paired_gains(groups: Mapping[tuple, list[dict]], base: str, label: str, size) -> list[float]:
-    """Mean Dice of ``label`` minus that of ``base`` at ``size``, one difference per (subset, seed) both ran."""
-    before = {(r["subset"], r["seed"]): r["mean_dice"] for r in groups.get((base, size), [])}
-    return [r["mean_dice"] - before[(r["subset"], r["seed"])] for r in groups.get((label, size), [])
-            if (r["subset"], r["seed"]) in before]
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value), NaNs left out."""
-    values = np.asarray([v for v in values if v is not None], dtype=float)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return float("nan"), float("nan")
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
-
-
-def _cell(values: Sequence[float]) -> str:
-    mean, std = _mean_std(values)
-    return "–" if np.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
-
-
-def _xl(size, table: bool = True) -> str:
-    """Column or row name of a training-set size; ``|`` escaped inside markdown tables."""
-    bar = "\\|" if table else "|"
-    return "all labelled" if size == "all" else f"{bar}XL{bar} = {size}"
-
-
-def _benchmark(records: Sequence[dict]) -> tuple[float, str] | None:
-    """Mean Dice of the benchmark (all labelled volumes; the random initialisation when several were run) and its
-    description."""
-    runs = [r for r in records if r["num_labelled"] == "all" and r.get("mean_dice") is not None]
-    if not runs:
-        return None
-    chosen = [r for r in runs if r["recipe"]["global"] is None] or runs
-    count = chosen[0].get("num_train_volumes")
-    volumes = f"all {count} labelled training volumes" if count else "all labelled training volumes"
-    return _mean_std([r["mean_dice"] for r in chosen])[0], f"{chosen[0]['label']} on {volumes}, {len(chosen)} run(s)"
-
-
-def study_tables(records: Sequence[dict], order: Sequence[str] | None = None) -> str:
-    """Markdown tables of test Dice per initialisation x |XL|: the summary (mean foreground Dice, mean ± std over the
-    runs, i.e. labelled subsets and seeds), per class (with the std over all test volumes of those runs), the gain over
-    random initialisation paired by subset and seed, and the fraction of the benchmark reached."""
-    groups, sizes, labels = _group(records), _sizes(records), _labels(records, order)
-    out = ["**Mean foreground Dice** on the test volumes: mean ± std over runs (labelled subsets × seeds); "
-           "each run's value is the mean over test volumes of the per-volume mean over classes.", "",
-           "| initialisation | " + " | ".join(_xl(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
-    for label in labels:
-        cells = [_cell([r["mean_dice"] for r in groups.get((label, s), [])]) for s in sizes]
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-
-    classes = next(r["classes"] for r in records)
-    out += ["", "**Per class**: mean ± std over runs; the last column is the std over every test volume of those runs "
-            "(per-volume mean over classes).", "",
-            "| initialisation | labelled | runs | volumes | " + " | ".join(classes) + " | mean | std over volumes |",
-            "|---|---|---|---|" + "---|" * (len(classes) + 2)]
-    for s in sizes:
-        for label in labels:
-            runs = groups.get((label, s))
-            if not runs:
-                continue
-            per_volume = [np.nanmean(np.array(v["dice"], dtype=float)) for r in runs for v in r["volumes"]]
-            cells = [_cell([r["class_dice"][c] for r in runs]) for c in range(len(classes))]
-            cells += [_cell([r["mean_dice"] for r in runs]), f"{_mean_std(per_volume)[1]:.3f}"]
-            out.append(f"| {label} | {_xl(s)} | {len(runs)} | {len(per_volume)} | " + " | ".join(cells) + " |")
-
-    random_label = next((r["label"] for r in records if r["recipe"]["global"] is None), None)
-    if random_label is not None:
-        out += ["", f"**Gain over {random_label}**, paired by labelled subset and seed: mean ± std of the differences "
-                "in mean Dice (runs where the pre-trained model is better / pairs).", "",
-                "| initialisation | " + " | ".join(_xl(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
-        for label in labels:
-            if label == random_label:
-                continue
-            cells = []
-            for s in sizes:
-                diffs = _paired_gains(groups, random_label, label, s)
-                mean, std = _mean_std(diffs)
-                better = sum(d > 0 for d in diffs)
-                cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({better}/{len(diffs)})")
-            out.append(f"| {label} | " + " | ".join(cells) + " |")
-
-    bench = _benchmark(records)
-    if bench is not None:
-        numbers = [s for s in sizes if s != "all"]
-        out += ["", f"**Fraction of the benchmark** ({bench[1]}: mean Dice {bench[0]:.3f}) reached: mean Dice / "
-                "benchmark.", "",
-                "| initialisation | " + " | ".join(_xl(s) for s in numbers) + " |", "|---|" + "---|" * len(numbers)]
-        for label in labels:
-            cells = []
-            for s in numbers:
-                mean = _mean_std([r["mean_dice"] for r in groups.get((label, s), [])])[0]
-                cells.append("–" if np.isnan(mean) else f"{100 * mean / bench[0]:.0f} %")
-            out.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
-def study_claims(records: Sequence[dict]) -> list[str]:
-    """The paper's claims checked against the results, one sentence each (computed, not judged): the ordering
-    random < G^R < G^D- < G^D per |XL|, the local stage on top of G^D, and 2 labelled volumes within 8% of the
-    benchmark. Initialisations are recognised by their recipe, whatever their labels."""
-    groups = _group(records)
-    by_recipe: dict[tuple, str] = {}
-    for r in records:
-        by_recipe.setdefault((r["recipe"]["global"], r["recipe"]["local"]), r["label"])
-
-    def mean(label, size):
-        return _mean_std([r["mean_dice"] for r in groups.get((label, size), [])])[0]
-
-    lines = []
-    for size in [s for s in _sizes(records) if s != "all"]:
-        chain = [(by_recipe[k], mean(by_recipe[k], size)) for k in PAPER_ORDER if k in by_recipe]
-        chain = [(label, m) for label, m in chain if not np.isnan(m)]
-        if len(chain) >= 2:
-            holds = all(a[1] < b[1] for a, b in zip(chain, chain[1:]))
-            text = " < ".join(f"{label} ({m:.3f})" for label, m in chain)
-            verdict = "holds" if holds else "does not hold"
-            lines.append(f"{_xl(size, False)}: {text} — the paper's ordering {verdict}.")
-        base = by_recipe.get(("domain", None))
-        for local in ("random", "domain"):
-            top = by_recipe.get(("domain", local))
-            if base and top and not np.isnan(mean(base, size)) and not np.isnan(mean(top, size)):
-                gain = mean(top, size) - mean(base, size)
-                pairs = _paired_gains(groups, base, top, size)
-                better = sum(d > 0 for d in pairs)
-                verdict = ("helps" if pairs and better == len(pairs) else "does not help" if better == 0
-                           else "helps in some subsets, not in others")
-                lines.append(f"{_xl(size, False)}: {top} vs {base}: {gain:+.3f}, better in {better}/{len(pairs)} "
-                             f"paired subsets — the local stage {verdict}.")
-    bench = _benchmark(records)
-    if bench is not None and (2 in _sizes(records)):
-        best = max(((label, mean(label, 2)) for (label, s) in groups if s == 2), key=lambda x: x[1])
-        gap = 1 - best[1] / bench[0]
-        verdict = "holds" if gap <= 0.08 else "does not hold"
-        lines.append(f"|XL| = 2: the best initialisation, {best[0]} ({best[1]:.3f}), is {100 * gap:.1f}% below the "
-                     f"benchmark ({bench[0]:.3f}) — the paper's 'within 8%' {verdict}.")
-    return lines
-
-
-def loss_summary(curves: Mapping[str, Sequence[tuple[str, str, str]]], fraction: float = 0.05) -> dict[str, dict]:
-    """Per pre-training stage (``{panel: [(name, log_dir, tag), ...]}``): iterations and the mean loss over the first
-    and last ``fraction`` of its iterations; stages whose logs cannot be read are left out."""
-    summary = {}
-    for entries in curves.values():
-        for name, log_dir, tag in entries:
-            try:
-                steps, values = read_scalars(log_dir, tag)
-            except (KeyError, OSError):
-                continue
-            if len(values):
-                k = max(1, int(len(values) * fraction))
-                summary[name] = {"iterations": int(steps[-1]), "first": float(values[:k].mean()),
-                                 "last": float(values[-k:].mean())}
-    return summary
-
-
-def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: Sequence[str] | None = None,
-                   losses: Mapping[str, dict] | None = None, title: str = "", protocol: Mapping | None = None) -> str:
-    """The report of a study as markdown: tables, the paper's claims checked, pre-training losses, wall time, machine
-    and protocol."""
-    out = [f"# {title}" if title else "# Results", "",
-           f"{len(records)} fine-tuning runs, each evaluated on the same {len(records[0]['volumes'])} test volume(s) "
-           "(3D Dice per class on the native grid); model selection on the validation volumes only.", "",
-           study_tables(records, order)]
-    claims = study_claims(records)
-    if claims:
-        out += ["", "## The paper's claims, checked", ""] + [f"- {c}" for c in claims]
-    pretrainings = [s for s in stages if s.get("kind") in ("global", "local")]
-    if pretrainings:
-        out += ["", "## Pre-training", "", "| stage | iterations | loss, first 5% | loss, last 5% | wall time |",
-                "|---|---|---|---|---|"]
-        for s in pretrainings:
-            loss = (losses or {}).get(s["id"])
-            cells = [str(loss["iterations"]), f"{loss['first']:.3f}", f"{loss['last']:.3f}"] if loss else ["–"] * 3
-            out.append(f"| {s['id']} | " + " | ".join(cells) + f" | {_minutes(sum(s['wall_time_s'].values()))} |")
-    times: dict[str, list[float]] = {}
-    for record in [*stages, *records]:
-        for step, seconds in record.get("wall_time_s", {}).items():
-            times.setdefault(step, []).append(seconds)
-    total = sum(sum(v) for v in times.values())
-    machines = sorted({f"{m['node']} ({m['cpus']} CPUs, {m['platform']})" for m in
-                       (r.get("machine") for r in [*stages, *records]) if m})
-    elapsed = _elapsed([*stages, *records])
-    span = (f" From the first job's start to the last job's end: {_minutes(elapsed)} (less than the total when jobs "
-            "ran side by side, more when the runner was paused between starts)." if elapsed else "")
-    out += ["", "## Wall time", "", f"Total {_minutes(total)} over {len(stages) + len(records)} jobs, on "
-            + "; ".join(machines) + "." + span, "", "| step | runs | mean per run | total |", "|---|---|---|---|"]
-    out += [f"| {step} | {len(v)} | {_minutes(np.mean(v))} | {_minutes(sum(v))} |" for step, v in times.items()]
-    if protocol:
-        import yaml
-
-        dumped = yaml.safe_dump(dict(protocol), sort_keys=False, allow_unicode=True, default_flow_style=None)
-        out += ["", "## Protocol (config overrides per stage)", "", "```yaml", dumped.rstrip(), "```"]
-    return "\n".join(out) + "\n"
-
-
-def _elapsed(records: Sequence[dict]) -> float | None:
-    """Seconds from the earliest job start (``finished`` minus its ``wall_time_s``) to the latest ``finished``."""
-    import datetime
-
-    spans = []
-    for r in records:
-        if r.get("finished") and r.get("wall_time_s"):
-            end = datetime.datetime.fromisoformat(r["finished"]).timestamp()
-            spans.append((end - sum(r["wall_time_s"].values()), end))
-    return max(e for _, e in spans) - min(s for s, _ in spans) if spans else None
-
-
-def _minutes(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,94 +87,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, output: str) -> str:
+def save_figure(fig, output: str) -> str:
     """Lay out ``fig``, write it as a PNG at ``output`` (folders created) and release it; returns ``output``."""
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return output
 
 
-def _running_mean(steps: np.ndarray, values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+def running_mean(steps: np.ndarray, values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The mean of each ``width`` consecutive values, placed at the last step of its window."""
     kernel = np.ones(width) / width
     return steps[width - 1 :], np.convolve(values, kernel, mode="valid")
-
-
-def plot_dice_vs_labelled(records: Sequence[dict], output: str, order: Sequence[str] | None = None) -> str:
-    """Mean test Dice against |XL| (log axis) per initialisation, error bars = std over runs; the benchmark (all
-    labelled volumes) as a horizontal band. Writes a PNG at ``output``."""
-    plt = _pyplot()
-    groups = _group(records)
-    sizes = [s for s in _sizes(records) if s != "all"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    labels = _labels(records, order)
-    for k, label in enumerate(labels):
-        points = [(s, *_mean_std([r["mean_dice"] for r in groups[(label, s)]])) for s in sizes if (label, s) in groups]
-        if points:
-            x, mean, std = map(np.array, zip(*points))
-            x = x * 2 ** (0.03 * (k - (len(labels) - 1) / 2))   # a small horizontal offset keeps error bars apart
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
-    bench = [r for r in records if r["num_labelled"] == "all" and r.get("mean_dice") is not None]
-    if bench:
-        mean, std = _mean_std([r["mean_dice"] for r in bench])
-        count = bench[0].get("num_train_volumes")
-        name = f"all {count} labelled volumes" if count else "all labelled volumes"
-        ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=f"{name} ({bench[0]['label']})")
-        ax.axhspan(mean - std, mean + std, color="k", alpha=0.08)
-    ax.set_xscale("log", base=2)
-    if sizes:
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
-        ax.minorticks_off()
-    ax.set(xlabel="labelled training volumes |XL|", ylabel="mean test Dice (foreground)",
-           title="Test Dice against the number of labelled volumes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
-    return _save(fig, output)
-
-
-def plot_loss_curves(curves: Mapping[str, Sequence[tuple[str, str, str]]], output: str, smooth: int = 50) -> str:
-    """One panel per entry of ``{panel title: [(name, log_dir, tag), ...]}``, a running mean of each loss curve."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.6), squeeze=False)
-    for ax, (title, entries) in zip(axes[0], curves.items()):
-        for name, log_dir, tag in entries:
-            try:
-                steps, values = read_scalars(log_dir, tag)
-            except (KeyError, OSError):
-                continue
-            ax.plot(*_running_mean(steps, values, max(1, min(smooth, len(values) // 5))), label=name)
-        ax.set(title=title, xlabel="iteration", ylabel=f"loss (running mean of {smooth})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, frameon=False)
-    return _save(fig, output)
-
-
-def plot_examples(rows: Sequence[Mapping], output: str) -> str:
-    """A grid of example slices: per row the image and then each labelled panel overlaid on it.
-
-    ``rows``: ``[{"title": str, "image": (H, W) array, "panels": [(name, (H, W) integer label map), ...]}, ...]``.
-    """
-    plt = _pyplot()
-    from matplotlib.colors import ListedColormap
-
-    colours = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.55), (0.2, 0.8, 0.2, 0.55), (0.2, 0.4, 1.0, 0.55),
-                              (1.0, 0.8, 0.1, 0.55), (0.8, 0.2, 0.9, 0.55), (0.1, 0.9, 0.9, 0.55), (1, 1, 1, 0.55)])
-    columns = 1 + max(len(r["panels"]) for r in rows)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.7 * columns, 2.9 * len(rows)), squeeze=False)
-    for row, ax_row in zip(rows, axes):
-        image = np.asarray(row["image"], dtype=float)
-        ax_row[0].imshow(image.T, cmap="gray", origin="lower")
-        ax_row[0].set_title("image", fontsize=8)
-        ax_row[0].set_ylabel(row["title"], fontsize=7)
-        for ax, (name, labels) in zip(ax_row[1:], row["panels"]):
-            ax.imshow(image.T, cmap="gray", origin="lower")
-            ax.imshow(np.asarray(labels).T, cmap=colours, vmin=0, vmax=colours.N - 1, origin="lower",
-                      interpolation="nearest")
-            ax.set_title(name, fontsize=8)
-        for ax in ax_row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    return _save(fig, output)

@@ -7,7 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 C=bundle/configs
-run() { echo; echo "==> python -m monai.bundle run $*"; "$PY" -m monai.bundle run "$@"; }
+# every stage command is also appended to bundle/models/commands.log: `make bundle` puts it in the model card
+LOG=bundle/models/commands.log
+mkdir -p bundle/models
+echo "# make demo (docs/scripts/demo.sh), started $(date -u '+%Y-%m-%d %H:%M UTC'), git commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" > "$LOG"
+quote() {   # one word as a shell reads it back: bare, "double-quoted", or bash's %q when it holds " $ ` or \
+    case "$1" in
+        *[!A-Za-z0-9_./=:,+-]*) if [[ "$1" != *[\"\$\`\\]* ]]; then printf ' "%s"' "$1"; else printf ' %q' "$1"; fi ;;
+        *) printf ' %s' "$1" ;;
+    esac
+}
+run() {
+    echo; echo "==> python -m monai.bundle run $*"
+    { printf 'python -m monai.bundle run'; for word in "$@"; do quote "$word"; done; echo; } >> "$LOG"
+    "$PY" -m monai.bundle run "$@"
+}
 START=$(date +%s)
 
 run prepare_synthetic --config_file "['$C/train.yaml','$C/prepare.yaml']"

@@ -1,5 +1,5 @@
 """Speed and memory benchmark of the contrastive losses (``make bench`` or ``PYTHONPATH=bundle python -m
-scripts.benchmark``).
+study.benchmark``; repository tooling, not shipped in the bundle).
 
 Three measurements, each printed as a plain-text table:
 
@@ -36,11 +36,11 @@ upwards by such blocks).
 
 Examples::
 
-    PYTHONPATH=bundle python -m scripts.benchmark                     # all three, reduced sizes (< 3 min, 2 CPUs)
-    PYTHONPATH=bundle python -m scripts.benchmark --paper             # + step share at 192 x 192, local N up to 48
-    PYTHONPATH=bundle python -m scripts.benchmark --parts step --paper  # only the step share at 192 x 192
-    PYTHONPATH=bundle python -m scripts.benchmark --parts step --image_size 128 --output runs/bench.json
-    PYTHONPATH=bundle python -m scripts.benchmark --device cuda --global_batch_sizes "[32,64,128,256,512]"
+    PYTHONPATH=bundle python -m study.benchmark                     # all three, reduced sizes (< 3 min, 2 CPUs)
+    PYTHONPATH=bundle python -m study.benchmark --paper             # + step share at 192 x 192, local N up to 48
+    PYTHONPATH=bundle python -m study.benchmark --parts step --paper  # only the step share at 192 x 192
+    PYTHONPATH=bundle python -m study.benchmark --parts step --image_size 128 --output runs/bench.json
+    PYTHONPATH=bundle python -m study.benchmark --device cuda --global_batch_sizes "[32,64,128,256,512]"
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Resumable runner of the label-efficiency study: a YAML plan -> every stage as ``python -m monai.bundle run`` ->
 one results file, then a report (tables, plots, example segmentations).
 
-From the repository root::
+Repository tooling (not shipped in the bundle). From the repository root::
 
-    PYTHONPATH=bundle python -m scripts.experiments run    docs/experiments/acdc_cpu.yaml
-    PYTHONPATH=bundle python -m scripts.experiments status docs/experiments/acdc_cpu.yaml   # what is done, what is left
-    PYTHONPATH=bundle python -m scripts.experiments report docs/experiments/acdc_cpu.yaml --output docs/study/acdc_cpu
+    PYTHONPATH=bundle python -m study.experiments run    docs/experiments/acdc_cpu.yaml
+    PYTHONPATH=bundle python -m study.experiments status docs/experiments/acdc_cpu.yaml   # what is done, what is left
+    PYTHONPATH=bundle python -m study.experiments report docs/experiments/acdc_cpu.yaml --output docs/study/acdc_cpu
 
 A plan (docs/experiments.md describes every key) names a dataset (a prepare run id of ``prepare.yaml``, or an already
 prepared ``dataset_dir``), the protocol (config overrides per stage), the initialisations (each a pre-training recipe:
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 CONFIGS = os.path.join(BUNDLE_DIR, "configs")
 GLOBAL_STRATEGIES = ("random", "domain_minus", "domain", "positional")
 LOCAL_STRATEGIES = ("random", "domain")
@@ -569,7 +569,7 @@ def _class_names(labels: dict, count: int) -> list[str]:
 
 def _result(job: Job, experiment_dir: str, labels: dict, sizes: dict) -> dict:
     """The results line of a finished fine-tuning job: per-volume Dice per class from the evaluation CSV."""
-    from scripts.report import read_dice_rows
+    from study.report import read_dice_rows
 
     names, dice = read_dice_rows(os.path.join(experiment_dir, job.info["output_dir"], "test"))
     per_volume = [_nanmean(row) for row in dice]
@@ -763,7 +763,7 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     config's ``network_def`` and run on the test volume pre-processed by the config's ``train#preprocessing``
     (``train.yaml`` with the plan's overrides), so the slices are shown on the network's input grid.
     """
-    from scripts import report as tables
+    from study import report as tables
 
     if os.path.isfile(target):
         exp = load_plan(target, experiment_dir)["experiment_dir"]
