@@ -541,8 +541,9 @@ def _machine() -> dict:
             "python": platform.python_version()}
 
 
-def _check_datalist(plan: dict, jobs: list[Job]) -> tuple[dict, dict]:
-    """The datalist must hold every list the jobs read; returns its labels (class index -> name, or {}) and the
+def _check_datalist(plan: dict, jobs: list[Job]) -> tuple[list, dict]:
+    """The datalist must hold every list the jobs read; returns its class names (the data contract's, background
+    first, or []) and the
     number of volumes of each list."""
     path = os.path.join(plan["dataset"]["dataset_dir"], "datalist.json")
     if not os.path.isfile(path):
@@ -556,24 +557,23 @@ def _check_datalist(plan: dict, jobs: list[Job]) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"{path} lacks {missing}: prepare the dataset with more subsets (split#num_subsets, "
                          "split#subset_sizes in dataset.overrides) or plan fewer.")
-    return datalist.get("labels") or {}, {k: len(v) for k, v in datalist.items() if isinstance(v, list)}
+    names = (datalist.get("contract") or {}).get("class_names") or []
+    return names, {k: len(v) for k, v in datalist.items() if isinstance(v, list)}
 
 
-def _class_names(labels: dict, count: int) -> list[str]:
-    if labels:
-        names = [labels[k] for k in sorted(labels, key=int)][1:]
-        if len(names) == count:
-            return names
+def _class_names(class_names: list, count: int) -> list[str]:
+    if len(class_names) == count + 1:
+        return list(class_names[1:])
     return [f"class {k + 1}" for k in range(count)]
 
 
-def _result(job: Job, experiment_dir: str, labels: dict, sizes: dict) -> dict:
+def _result(job: Job, experiment_dir: str, class_names: list, sizes: dict) -> dict:
     """The results line of a finished fine-tuning job: per-volume Dice per class from the evaluation CSV."""
     from study.report import read_dice_rows
 
     names, dice = read_dice_rows(os.path.join(experiment_dir, job.info["output_dir"], "test"))
     per_volume = [_nanmean(row) for row in dice]
-    classes = _class_names(labels, len(dice[0]) if dice else 0)
+    classes = _class_names(class_names, len(dice[0]) if dice else 0)
     return {
         **job.info,
         "num_train_volumes": sizes.get(job.info["train_key"]),
@@ -637,9 +637,9 @@ def _run(plan: dict, echo: bool, keep_going: bool, workers: int = 1) -> int:
           + (f", {workers} at a time" if workers > 1 else "") + ")", flush=True)
     if not pending:
         return 0
-    labels, sizes = {}, {}
+    class_names, sizes = [], {}
     if not plan["dataset"]["prepare"] or "prepare" in done:
-        labels, sizes = _check_datalist(plan, jobs)
+        class_names, sizes = _check_datalist(plan, jobs)
     env = {**os.environ, **plan["env"], "PYTHONUNBUFFERED": "1"}
     if workers > 1 and "OMP_NUM_THREADS" not in plan["env"]:   # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
@@ -674,9 +674,9 @@ def _run(plan: dict, echo: bool, keep_going: bool, workers: int = 1) -> int:
                     continue
                 record = {"id": job.id, "kind": job.kind, **job.info}
                 if job.kind == "prepare":
-                    labels, sizes = _check_datalist(plan, jobs)
+                    class_names, sizes = _check_datalist(plan, jobs)
                 if job.kind == "finetune":
-                    record = {"id": job.id, **_result(job, exp, labels, sizes)}
+                    record = {"id": job.id, **_result(job, exp, class_names, sizes)}
                 record.update(config=_jsonable(job.config), wall_time_s=times, finished=_now(), machine=_machine())
                 append_ledger(os.path.join(exp, job.ledger), record)
                 done[job.id] = record
