@@ -289,6 +289,14 @@ class TrainingState:
         if self.samplers:
             engine.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._wait_for_rank0)
+
+    @staticmethod
+    def _wait_for_rank0(engine: Engine) -> None:
+        """Under torch.distributed, the ranks leave the stage together: rank 0 writes the stage's final files
+        (handlers attached before this one), which the next stage of the same run may read on every rank."""
+        if _world_size() > 1:
+            dist.barrier()
 
     def _set_sampler_epoch(self, engine: Engine) -> None:
         for sampler in self.samplers:
@@ -377,7 +385,8 @@ class TrainingState:
         absent = sorted(set(self.save_dict) - set(state["objects"]))
         if absent:
             refuse(f"it holds no {absent}")
-        if len(state["savers"]) != len(self.savers) or len(state["rng"][0]["transforms"]) != len(self.randomizables):
+        saver_mismatch = self.savers and len(state["savers"]) != len(self.savers)  # ranks > 0 have no saver
+        if saver_mismatch or len(state["rng"][0]["transforms"]) != len(self.randomizables):
             refuse("its best-model record or random transforms do not match this configuration")
         saved_length = state["trainer"].get("epoch_length")
         if engine.state.epoch_length is not None and saved_length != engine.state.epoch_length:
