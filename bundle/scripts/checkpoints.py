@@ -89,7 +89,7 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
     return str(path)
 
 
-_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global|GLOBAL|unsupported operand)[:\s]+([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
 
 
 def safe_load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint"):
@@ -443,6 +443,6 @@ class NonFiniteGuard:
             kept = "no training state was saved before it"
         raise NonFiniteLossError(
             f"stage '{self.stage}': the loss is {value} at iteration {engine.state.iteration} (epoch "
-            f"{engine.state.epoch}) on some rank; stopped, {kept}. Lower the learning rate or check the data, then "
+            f"{engine.state.epoch}){' on some rank' if _world_size() > 1 else ''}; stopped, {kept}. Lower the learning rate or check the data, then "
             "rerun with --resume True to continue from that state."
         )
