@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 import _bundle_runs as br
 from scripts.checkpoints import (
@@ -188,17 +188,14 @@ def test_checkpoint_saver_writes_no_final_model_after_a_non_finite_loss(tmp_path
 
 
 # ---------------------------------------------------------------- workflows: SIGKILL part-way, resume, compare
-KILL = """# test overlay: SIGKILL the process when iteration `kill_iteration` of a stage starts
+KILL = """# test overlay: when iteration `kill_iteration` of a stage starts, SIGKILL the process or poison the weights
 kill_iteration: 3
-kill_global:
-  - "$@global#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration), lambda e: os.kill(os.getpid(), 9))"
-  - "$@global#trainer.run()"
-kill_train:
-  - "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration), lambda e: os.kill(os.getpid(), 9))"
-  - "$@train#trainer.run()"
-nan_global:   # the weights of the first convolution become NaN when iteration `kill_iteration` starts
-  - "$@global#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration), lambda e: torch.nn.init.constant_(@global#network.unet.encoder[0][0].weight, float('nan')))"
-  - "$@global#trainer.run()"
+at: "$ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration)"
+sigkill: "$lambda engine: os.kill(os.getpid(), 9)"
+poison: "$lambda engine: torch.nn.init.constant_(@global#network.unet.encoder[0][0].weight, float('nan'))"
+kill_global: ["$@global#trainer.add_event_handler(@at, @sigkill)", "$@global#trainer.run()"]
+kill_train: ["$@train#trainer.add_event_handler(@at, @sigkill)", "$@train#trainer.run()"]
+nan_global: ["$@global#trainer.add_event_handler(@at, @poison)", "$@global#trainer.run()"]
 """
 
 
@@ -224,14 +221,15 @@ def test_pretraining_killed_and_resumed_equals_uninterrupted_bit_for_bit(work):
     configs = br.config("train.yaml", "pretrain.yaml")
     whole = br.run(work, "run", "pretrain", "--config_file", configs, *data, *br.paths(work, "whole"), *br.TINY,
                    *br.PRETRAIN)
-    killed = br.run(work, "run", "kill_global", "--config_file", br.config("train.yaml", "pretrain.yaml",
-                    work / "kill.yaml"), *data, *br.paths(work, "killed"), *br.TINY, *br.PRETRAIN, expect=-9)
+    kill_configs = br.config("train.yaml", "pretrain.yaml", work / "kill.yaml")
+    killed = br.run(work, "run", "kill_global", "--config_file", kill_configs, *data, *br.paths(work, "killed"),
+                    *br.TINY, *br.PRETRAIN, expect=-9)
     models = work / "killed" / "models"
     assert sorted(os.listdir(models)) == ["state_global.pt"]  # killed in epoch 2: only the epoch-1 state exists
     assert safe_load(models / "state_global.pt")["trainer"]["iteration"] == 2
     # determinism (CPU, same seed): the first logged loss is the same in both runs
-    assert _losses(killed.stdout + killed.stderr, "global_loss")[:1] == _losses(whole.stdout + whole.stderr,
-                                                                                 "global_loss")[:1] != []
+    first_killed = _losses(killed.stdout + killed.stderr, "global_loss")[:1]
+    assert first_killed == _losses(whole.stdout + whole.stderr, "global_loss")[:1] != []
     resumed = br.run(work, "run", "pretrain", "--config_file", configs, *data, *br.paths(work, "killed"), *br.TINY,
                      *br.PRETRAIN, "--resume", "True")
     log = resumed.stdout + resumed.stderr

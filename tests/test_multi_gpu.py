@@ -16,7 +16,7 @@ import _bundle_runs as br
 from scripts.checkpoints import safe_load
 
 WORLD = 2
-RECORD = """# test overlay: every rank records (stage, epoch, volume) of each pre-training batch, then writes them to a file
+RECORD = """# test overlay: every rank records (stage, epoch, volume) of each pre-training batch, then writes them down
 seen: "$[]"
 seen_file: "$@model_dir + '/../seen_rank%d.txt' % torch.distributed.get_rank()"
 record_global: "$lambda e: @seen.extend(('global', e.state.epoch, v) for v in e.state.batch['volume'].tolist())"

@@ -121,7 +121,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoi
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BundleError(f"{what} {path} is truncated or corrupt ({reason}); delete it or restore a good copy.") from error
+        raise BundleError(
+            f"{what} {path} is truncated or corrupt ({reason}); delete it or restore a good copy."
+        ) from error
 
 
 # ---------------------------------------------------------------- MONAI's CheckpointSaver, written atomically
@@ -443,6 +445,6 @@ class NonFiniteGuard:
             kept = "no training state was saved before it"
         raise NonFiniteLossError(
             f"stage '{self.stage}': the loss is {value} at iteration {engine.state.iteration} (epoch "
-            f"{engine.state.epoch}){' on some rank' if _world_size() > 1 else ''}; stopped, {kept}. Lower the learning rate or check the data, then "
-            "rerun with --resume True to continue from that state."
+            f"{engine.state.epoch}){' on some rank' if _world_size() > 1 else ''}; stopped, {kept}. Lower the "
+            "learning rate or check the data, then rerun with --resume True to continue from that state."
         )

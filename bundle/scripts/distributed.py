@@ -34,6 +34,8 @@ def data_parallel(module: nn.Module, find_unused_parameters: bool = False) -> nn
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return module
     device = next(module.parameters()).device
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
                                                find_unused_parameters=find_unused_parameters)
