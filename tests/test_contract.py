@@ -129,7 +129,7 @@ CASES = {
                            "checkpoint {w}/nope.pt not found"),
     "corrupt checkpoint": (lambda w: ["--config_file", config("inference.yaml"), "--checkpoint", str(w / "cut.pt"),
                                       "--input_glob", str(w / "inputs" / "good" / "*")],
-                           "checkpoint {w}/cut.pt cannot be loaded"),
+                           "checkpoint {w}/cut.pt is truncated or corrupt"),
     "contract mismatch": (lambda w: ["--config_file", config("inference.yaml"), "--spacing", "1.5", "--input_glob",
                                      str(w / "inputs" / "good" / "*"), "--checkpoint", str(w / "models" / "model.pt")],
                           "--spacing 1.5 contradicts spacing = 6.0"),

@@ -22,8 +22,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import torch
-
+from scripts.checkpoints import safe_load
 from scripts.errors import BundleError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -75,28 +74,13 @@ def _check(contract, source: str) -> dict:
     return dict(contract)
 
 
-def load_checkpoint(path: str) -> dict:
-    """The dict stored in the checkpoint at ``path`` (loaded with ``weights_only=True``); one-line errors for a
-    missing, unreadable or unsafe file."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"checkpoint {path} not found: run the workflow that writes it or point the config "
-                               "at it.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BundleError(f"checkpoint {path} cannot be loaded (truncated, corrupt or not a safe weights file: "
-                          f"{reason[:200]}); write it again or use another file.") from error
-    if not isinstance(state, Mapping):
-        raise BundleError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict.")
-    return state
-
-
 def read_contract(path: str, kind: str) -> dict | None:
     """The contract stored in a ``kind`` file ("datalist", "metadata" or "checkpoint") at ``path``; None when the file
     carries none (a datalist or checkpoint written before contracts existed)."""
     if kind == "checkpoint":
-        content = load_checkpoint(path)
+        content = safe_load(path)
+        if not isinstance(content, Mapping):
+            raise BundleError(f"checkpoint {path} holds a {type(content).__name__}, not a state_dict.")
     else:
         if not os.path.isfile(path):
             raise MissingFileError(f"{kind} file {path} not found.")

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from scripts.contract import check_checkpoint, load_checkpoint
+from scripts.checkpoints import safe_load
+from scripts.contract import check_checkpoint
 from scripts.errors import BundleError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def load_pretrained(
             f"pre-trained checkpoint {checkpoint} not found: run the pre-training (pretrain.yaml) first, point "
             "pretrained_checkpoint at it, or fine-tune from random initialisation with --use_pretrained False."
         )
-    loaded = load_checkpoint(checkpoint)
+    loaded = safe_load(checkpoint)
     if contract is not None:
         check_checkpoint(loaded, checkpoint, contract)
     state = loaded.get("model", loaded)

@@ -1,0 +1,450 @@
+"""Checkpoints that stay whole and safe, resuming a stage, and the non-finite-loss guard.
+
+- ``atomic_save(obj, path)``: ``torch.save`` to a temporary file in the same folder, flush, fsync, ``os.replace``,
+  fsync of the folder. A crash or a kill at any point leaves either the previous file or the new one, never a part.
+- ``safe_load(path)``: ``torch.load(..., weights_only=True)``. A missing, empty, truncated or corrupt file, or a
+  pickle that would run code, raises a ``BundleError`` (``MissingFileError``) whose one-line message names the file
+  and the problem. Nothing else is ever unpickled.
+- ``CheckpointSaver``: MONAI's handler, writing through ``atomic_save`` (MONAI's own writes in place) and never
+  writing its final checkpoint when the stage stopped on a non-finite loss. Same arguments, same files.
+- ``TrainingState``: a handler that saves what a stage needs to continue bit for bit every ``interval`` epochs
+  (model, optimiser, trainer iteration/epoch, every rank's torch/numpy/python RNGs and the RandomState of the
+  MONAI ``Randomizable`` transforms, the best validation metric and the best-model saver's record) and, with
+  ``resume=True``, restores it when the trainer starts. It also drives the epoch of the ``set_epoch`` samplers.
+- ``NonFiniteGuard``: a handler that stops the stage when the loss is NaN or infinite, naming the stage, the
+  iteration and the last good training state (kept: the guard fires before the next save).
+
+Granularity: the training state is saved at epoch boundaries (``iterations_per_epoch`` in fine-tuning,
+``pretrain_epoch_length`` in pre-training); a stage killed mid-epoch resumes from the last completed saved epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
+from monai.transforms import Randomizable
+
+from scripts.errors import BundleError, MissingFileError
+
+__all__ = [
+    "atomic_save",
+    "safe_load",
+    "CheckpointSaver",
+    "TrainingState",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "STATE_FORMAT",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "contrastive-seg-training-state/1"  # the "format" entry of every training-state file
+
+
+# ---------------------------------------------------------------- atomic writes and safe reads
+def atomic_save(obj, path: str | os.PathLike) -> str:
+    """``torch.save(obj)`` to ``path`` atomically; returns ``path`` as a string.
+
+    The bytes go to a temporary file in the same folder (so the final rename never crosses file systems), which
+    is flushed and fsync-ed, then ``os.replace``-d onto ``path``; the folder is fsync-ed so that the rename itself
+    survives a power cut. On an exception the temporary file is removed and ``path`` is untouched; after a
+    SIGKILL a ``.<name>.*.tmp`` file may stay behind, ``path`` is still the previous complete file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it owner-only
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.remove(handle.name)
+        raise
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder; the rename is done, only its durability is weaker
+        return str(path)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return str(path)
+
+
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)``, with every failure turned into a one-line ``BundleError``.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        what: what the file is, for the messages ("training state", "checkpoint", ...).
+
+    Raises:
+        MissingFileError: no such file.
+        BundleError: the file is empty, truncated or corrupt, or holds Python objects (a pickle that would import
+            or call code, e.g. ``os.system``), which ``weights_only=True`` refuses. The message names the file.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what} {path} not found: run the workflow that writes it or give the right path.")
+    if os.path.getsize(path) == 0:
+        raise BundleError(f"{what} {path} is empty (0 bytes): the write that made it did not finish; delete it.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _UNSAFE_GLOBAL.search(str(error))
+        culprit = f" (it asks for {found.group(1)})" if found else ""
+        raise BundleError(
+            f"{what} {path} refused: it holds Python objects that could run code when unpickled{culprit}; only "
+            "plain tensors and containers are loaded (weights_only=True). Use a checkpoint you trust and re-save it."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BundleError(
+            f"{what} {path} is truncated or corrupt ({reason}); delete it or restore a good copy."
+        ) from error
+
+
+# ---------------------------------------------------------------- MONAI's CheckpointSaver, written atomically
+class _AtomicDiskSaver(DiskSaver):
+    """ignite ``DiskSaver`` writing through ``atomic_save`` (with fsync), optionally under a fixed file name."""
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func) -> None:
+        atomic_save(checkpoint, path)
+
+    def remove(self, filename: str) -> None:
+        path = Path(self.dirname) / (self.filename or filename)
+        if self.save_on_rank == _rank() and path.exists():
+            path.unlink()
+
+
+class CheckpointSaver(_MonaiCheckpointSaver):
+    """``monai.handlers.CheckpointSaver`` (same arguments, same files: ``save_dict`` is written as given, so extra
+    entries beside "model" are kept) whose files are written atomically with fsync, by rank 0 only; and which does
+    not write its final checkpoint when the stage stopped on a non-finite loss (the weights are no longer good)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, fixed)
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        if isinstance(e, NonFiniteLossError):
+            raise e
+        super().exception_raised(engine, e)
+
+
+# ---------------------------------------------------------------- RNG states as plain tensors and containers
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _numpy_state(rng: np.random.RandomState) -> dict:
+    name, keys, pos, has_gauss, gauss = rng.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_state(rng: np.random.RandomState, state: Mapping) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    rng.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
+def find_randomizables(root) -> list[Randomizable]:
+    """Every MONAI ``Randomizable`` reachable from ``root`` through attributes, lists, tuples and dicts, in a fixed
+    order (depth first, attributes in definition order), each once. Tensors, arrays and modules are not entered."""
+    found, seen = [], set()
+
+    def walk(obj):
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.Tensor, np.ndarray,
+                                               torch.nn.Module, type)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            found.append(obj)
+        if isinstance(obj, Mapping):
+            children = list(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            children = list(obj)
+        else:
+            children = list(getattr(obj, "__dict__", {}).values())
+        for child in children:
+            walk(child)
+
+    walk(root)
+    return found
+
+
+def _rng_states(randomizables: Sequence[Randomizable]) -> dict:
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(np.random.mtrand._rand),
+        "python": random.getstate(),
+        "transforms": [_numpy_state(t.R) for t in randomizables],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping, randomizables: Sequence[Randomizable]) -> None:
+    torch.set_rng_state(states["torch"])
+    _set_numpy_state(np.random.mtrand._rand, states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for transform, state in zip(randomizables, states["transforms"]):
+        _set_numpy_state(transform.R, state)
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------- training state: save every N epochs, resume
+class TrainingState:
+    """Handler: save the training state of a stage every ``interval`` epochs, and resume from it.
+
+    Args:
+        path: the training-state file (e.g. ``models/state_global.pt``), separate from the model checkpoints.
+        save_dict: objects with ``state_dict()`` / ``load_state_dict()`` to save, e.g. ``{"model": net,
+            "optimizer": opt}``; a ``DistributedDataParallel`` wrapper is unwrapped. The trainer itself (iteration,
+            epoch) is always saved, under "trainer".
+        stage: the stage's name; a state file of another stage is refused.
+        interval: save after every ``interval``-th epoch (and after the last one).
+        resume: True: when the trainer starts, restore everything from ``path``. A missing file starts the stage
+            from iteration 0 (with a warning: e.g. the local stage of ``pretrain`` when the kill hit the global
+            one); a truncated, corrupt, unsafe or mismatched file stops with a ``BundleError`` naming it.
+        randomizables: objects searched (``find_randomizables``) for MONAI random transforms whose RandomState is
+            saved: the augmentation, or the dataset holding it.
+        samplers: samplers with ``set_epoch``; their epoch is set to ``trainer epoch - 1`` when each epoch starts,
+            so their draws are a function of the trainer's epoch (also when resumed).
+        evaluator: the validation engine: its ``best_metric`` / ``best_metric_epoch`` are saved and restored.
+        savers: ``CheckpointSaver`` s whose best-model record (scores and file names) is saved and restored, so
+            that model selection after a resume compares with the best before it.
+
+    Under torch.distributed every rank takes part in each save (the RNG states of all ranks are gathered);
+    rank 0 writes the file; on resume every rank reads it and takes its own RNG states. The world size must match.
+    Attach it after the other handlers (it records the RNGs as they are when the epoch's handlers are done).
+    ``engine.training_state_path`` is set to ``path`` (``NonFiniteGuard`` names it).
+
+    Bit-for-bit resume (CPU, the same settings) holds when data loader workers are not persistent across epochs
+    (``num_workers`` 0, or ``persistent_workers`` False): persistent workers carry RNG streams this file cannot hold.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        save_dict: Mapping,
+        stage: str,
+        interval: int = 1,
+        resume: bool = False,
+        randomizables=None,
+        samplers: Sequence = (),
+        evaluator: Engine | None = None,
+        savers: Sequence = (),
+    ):
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive int, got {interval!r}.")
+        self.path, self.stage, self.interval, self.resume = str(path), str(stage), interval, bool(resume)
+        self.save_dict = {k: getattr(v, "module", v) if isinstance(v, torch.nn.parallel.DistributedDataParallel)
+                          else v for k, v in save_dict.items()}
+        self.randomizables = find_randomizables(randomizables) if randomizables is not None else []
+        self.samplers, self.evaluator = list(samplers), evaluator
+        self.savers = [s._key_metric_checkpoint for s in savers if getattr(s, "_key_metric_checkpoint", None)]
+
+    def attach(self, engine: Engine) -> None:
+        engine.training_state_path = self.path
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        if self.samplers:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._wait_for_rank0)
+
+    @staticmethod
+    def _wait_for_rank0(engine: Engine) -> None:
+        """Under torch.distributed, the ranks leave the stage together: rank 0 writes the stage's final files
+        (handlers attached before this one), which the next stage of the same run may read on every rank."""
+        if _world_size() > 1:
+            dist.barrier()
+
+    def _set_sampler_epoch(self, engine: Engine) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(engine.state.epoch - 1)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval == 0 or engine.state.epoch >= engine.state.max_epochs:
+            self.save(engine)
+
+    def state_dict(self, engine: Engine) -> dict:
+        """Everything saved, as plain tensors and containers (what ``weights_only=True`` loads)."""
+        rng = _rng_states(self.randomizables)
+        if _world_size() > 1:
+            gathered = [None] * _world_size()
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        state = {
+            "format": STATE_FORMAT,
+            "stage": self.stage,
+            "world_size": _world_size(),
+            "trainer": dict(engine.state_dict()),
+            "objects": {k: v.state_dict() for k, v in self.save_dict.items()},
+            "rng": rng,
+            "savers": [s.state_dict() for s in self.savers],
+        }
+        if self.evaluator is not None:
+            state["best"] = {"metric": float(self.evaluator.state.best_metric),
+                             "epoch": int(self.evaluator.state.best_metric_epoch)}
+        return state
+
+    def save(self, engine: Engine) -> None:
+        """Write the state (rank 0) atomically; every rank must call it (the RNG states are gathered)."""
+        state = self.state_dict(engine)
+        if _rank() == 0:
+            atomic_save(state, self.path)
+            logger.info(f"{self.stage}: training state at epoch {engine.state.epoch} saved to {self.path}")
+        if _world_size() > 1:
+            dist.barrier()
+
+    def load(self, engine: Engine) -> None:
+        """Restore the state from ``path`` into the objects and ``engine`` (an ``Events.STARTED`` handler)."""
+        if not os.path.isfile(self.path):
+            logger.warning(f"{self.stage}: resume requested but {self.path} does not exist: starting from iteration 0.")
+            return
+        state = safe_load(self.path, what="training state")
+        self._check(state, engine)
+        for key, obj in self.save_dict.items():
+            try:
+                obj.load_state_dict(state["objects"][key])
+            except (RuntimeError, ValueError, KeyError) as error:
+                reason = str(error).strip().splitlines()
+                reason = " ".join(line.strip() for line in reason[:3])[:300]
+                raise BundleError(
+                    f"training state {self.path}: its '{key}' does not fit this run's ({reason}); the configuration "
+                    "(network, optimiser) changed since it was saved: restore it, or delete the file and start again."
+                ) from error
+        for saver, saved in zip(self.savers, state["savers"]):
+            saver.load_state_dict(saved)
+        if self.evaluator is not None and "best" in state:
+            self.evaluator.state.best_metric = state["best"]["metric"]
+            self.evaluator.state.best_metric_epoch = state["best"]["epoch"]
+        max_epochs = engine.state.max_epochs
+        engine.load_state_dict(state["trainer"])
+        engine.state.max_epochs = max_epochs  # this run's budget (it may extend the saved one)
+        _set_rng_states(state["rng"][_rank()], self.randomizables)
+        logger.info(f"{self.stage}: resumed from {self.path} at epoch {engine.state.epoch} "
+                    f"(iteration {engine.state.iteration}) of {max_epochs}.")
+
+    def _check(self, state, engine: Engine) -> None:
+        def refuse(problem: str):
+            raise BundleError(f"training state {self.path}: {problem}; delete it to start the stage again.")
+
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        if found != STATE_FORMAT:
+            refuse(f"not a training-state file of this bundle (format {found!r}, expected {STATE_FORMAT!r})")
+        missing = [k for k in ("stage", "world_size", "trainer", "objects", "rng", "savers") if k not in state]
+        if missing:
+            refuse(f"entries {missing} are missing")
+        if state["stage"] != self.stage:
+            refuse(f"it belongs to stage '{state['stage']}', not '{self.stage}'")
+        if state["world_size"] != _world_size():
+            refuse(f"it was written by {state['world_size']} process(es), this run has {_world_size()}; resume with "
+                   f"the same number of processes")
+        absent = sorted(set(self.save_dict) - set(state["objects"]))
+        if absent:
+            refuse(f"it holds no {absent}")
+        saver_mismatch = self.savers and len(state["savers"]) != len(self.savers)  # ranks > 0 have no saver
+        if saver_mismatch or len(state["rng"][0]["transforms"]) != len(self.randomizables):
+            refuse("its best-model record or random transforms do not match this configuration")
+        saved_length = state["trainer"].get("epoch_length")
+        if engine.state.epoch_length is not None and saved_length != engine.state.epoch_length:
+            refuse(f"its epochs have {saved_length} iterations, this run's have {engine.state.epoch_length}")
+        epochs = state["trainer"]["iteration"] // max(1, saved_length or 1)
+        if engine.state.max_epochs is not None and epochs > engine.state.max_epochs:
+            refuse(f"it is at epoch {epochs}, beyond this run's max_epochs={engine.state.max_epochs}")
+
+
+# ---------------------------------------------------------------- non-finite loss guard
+class NonFiniteLossError(BundleError):
+    """The loss became NaN or infinite: the stage stopped (``NonFiniteGuard``)."""
+
+
+def _loss(output) -> torch.Tensor | None:
+    first = output[0] if isinstance(output, (list, tuple)) and output else output
+    if isinstance(first, Mapping) and "loss" in first:
+        return torch.as_tensor(first["loss"]).detach()
+    return None
+
+
+class NonFiniteGuard:
+    """Handler: stop the stage when the loss of an iteration is NaN or infinite.
+
+    Raises ``NonFiniteLossError`` naming the stage, the epoch and iteration, and the last good training state
+    (``engine.training_state_path`` set by ``TrainingState``), which is kept: no state and no final checkpoint of
+    ``scripts.checkpoints.CheckpointSaver`` is written after it. Under torch.distributed the ranks agree (one
+    all-reduce of a flag per iteration), so all of them stop at the same iteration.
+
+    Args:
+        stage: the stage's name, for the message.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = str(stage)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = _loss(engine.state.output)
+        bad = loss is not None and not bool(torch.isfinite(loss).all())
+        if _world_size() > 1:
+            flag = torch.tensor([float(bad)], device=loss.device if loss is not None else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            return
+        value = loss.flatten()[0].item() if loss is not None and loss.numel() else float("nan")
+        where = getattr(engine, "training_state_path", None)
+        if where and os.path.isfile(where):
+            kept = f"the last good training state {where} is kept"
+        else:
+            kept = "no training state was saved before it"
+        raise NonFiniteLossError(
+            f"stage '{self.stage}': the loss is {value} at iteration {engine.state.iteration} (epoch "
+            f"{engine.state.epoch}){' on some rank' if _world_size() > 1 else ''}; stopped, {kept}. Lower the "
+            "learning rate or check the data, then rerun with --resume True to continue from that state."
+        )
