@@ -208,8 +208,12 @@ def work(tmp_path_factory):
 
 
 def _same(a, b):
+    """Same weights, bit for bit, and the same data contract."""
     a, b = safe_load(a), safe_load(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights_a, weights_b = a["model"], b["model"]
+    same_weights = weights_a.keys() == weights_b.keys()
+    same_weights = same_weights and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    return same_weights and a["contract"] == b["contract"]
 
 
 def _losses(text, tag):

@@ -55,9 +55,11 @@ def test_one_set_of_checkpoints_and_one_log(runs):
         events = sorted((work / "ddp" / "eval" / log_dir).glob("events.out.tfevents.*"))
         writers = {re.match(r"events\.out\.tfevents\.\d+\.[^.]+\.(\d+)\.", e.name).group(1) for e in events}
         assert len(writers) == 1 and len(events) == (2 if log_dir == "" else 1), events  # one process wrote them
-    for name in ("pretrained_global.pt", "pretrained_local.pt", "model.pt"):  # plain U-Net state_dicts
-        state = safe_load(models / name)
+    for name in ("pretrained_global.pt", "pretrained_local.pt", "model.pt"):  # U-Net state_dicts + the data contract
+        saved = safe_load(models / name)
+        state = saved["model"]
         assert "encoder.0.0.weight" in state and not any(k.startswith("module.") for k in state)
+        assert saved["contract"]["class_names"][0] == "background"
     state = safe_load(models / "state_global.pt")
     assert state["world_size"] == WORLD and len(state["rng"]) == WORLD and state["trainer"]["iteration"] == 6
 
