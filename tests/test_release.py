@@ -121,7 +121,8 @@ def test_configs_name_only_files_that_exist():
     configs = os.path.join(release.BUNDLE_DIR, "configs")
     for name in os.listdir(configs):
         if name.endswith(".yaml"):
-            for mentioned in set(re.findall(r"[\w.-]+\.(?:yaml|json|conf)\b", open(os.path.join(configs, name)).read())):
+            text = open(os.path.join(configs, name)).read()
+            for mentioned in set(re.findall(r"[\w.-]+\.(?:yaml|json|conf)\b", text)):
                 if mentioned not in ("datalist.json", "dataset.json"):   # data files the workflows read or write
                     assert os.path.isfile(os.path.join(configs, mentioned)), f"{name} names {mentioned}"
 
@@ -292,7 +293,8 @@ def run_release_path(work, dist, url):
     mine = work / "mine"
     out["prepare"] = monai_bundle(
         bundle, "run", "prepare_folder", "--config_file", "['configs/train.yaml','configs/prepare.yaml']",
-        "--raw_dir", str(raw), "--dataset_dir", str(mine), "--folder#labels", "['background','blood pool','myocardium']",
+        "--raw_dir", str(raw), "--dataset_dir", str(mine),
+        "--folder#labels", "['background','blood pool','myocardium']",
         "--split#num_validation", "1", "--split#num_test", "1", "--split#subset_sizes", "[1]",
         "--split#num_subsets", "[1]", "--cache_workers", "0")
     out["train"] = monai_bundle(
