@@ -136,7 +136,7 @@ def git_commit(root: str = ROOT) -> str:
 
 
 def provenance(entries: list[dict], weights: dict[str, str], version: str, commands: str | None, dataset: str,
-               data_licence: str, commit: str, date: str) -> str:
+               data_licence: str, commit: str, date: str, contract: dict) -> str:
     """The model card section appended in the archive: what the weights are and where they come from."""
     rows = [f"| `{e['path']}` | {os.path.getsize(weights[e['path']]) / 2**20:.1f} MiB | `{e['hash_val']}` |"
             for e in entries]
@@ -148,11 +148,42 @@ def provenance(entries: list[dict], weights: dict[str, str], version: str, comma
         f"`{commit}`. `large_files.yml` lists the same files with their download URLs; "
         "`python -m monai.bundle download_large_files --bundle_path <this folder>` fetches them and refuses any file "
         "whose sha256 differs.", "",
-        f"- **Data**: {dataset}.", f"- **Data licence**: {data_licence}.", "",
+        f"- **Data**: {dataset}.", f"- **Data licence**: {data_licence}.",
+        f"- **Data contract** (also `data_contract` in `configs/metadata.json`): {contract['image_size']}² slices at "
+        f"{contract['spacing']} mm, slice axis {contract['slice_axis']}, placeholder spacing "
+        f"{contract['placeholder_spacing']} mm, channel {contract['channel']}, normalisation "
+        f"{contract['normalisation']}, classes {', '.join(contract['class_names'])}, label values "
+        f"{contract['label_values']}.", "",
         "| file | size | sha256 |", "|---|---|---|", *rows, "",
         "The commands that wrote the weights, as recorded in `models/commands.log`:", "",
         "```", recorded, "```", "",
     ])
+
+
+def weights_contract(weights: dict[str, str]) -> dict:
+    """The data contract the PyTorch weight files carry (``scripts.contract``); they must all carry the same one."""
+    from scripts.contract import differences, read_contract
+
+    found = {}
+    for rel, path in weights.items():
+        if rel.endswith(".pt"):
+            contract = read_contract(path, "checkpoint")
+            if contract is None:
+                raise ReleaseError(f"{path} carries no data contract: train it again with this version of the bundle.")
+            found[path] = contract
+    (first, contract), *others = found.items()
+    for path, other in others:
+        if differences(contract, other):
+            raise ReleaseError(f"{path} and {first} were trained with different data contracts: "
+                               f"{differences(contract, other)}; release weights of one dataset and pre-processing.")
+    return contract
+
+
+def archived_metadata(bundle_dir: str, contract: dict) -> bytes:
+    """The archive's configs/metadata.json: the bundle's, with the weights' data contract recorded."""
+    from scripts.contract import update_metadata
+
+    return (json.dumps(update_metadata(read_metadata(bundle_dir), contract), indent=4) + "\n").encode()
 
 
 def _zip_write(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
@@ -183,6 +214,7 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     models_dir = models_dir or os.path.join(bundle_dir, "models")
     version = read_metadata(bundle_dir)["version"]
     weights = weight_files(models_dir)
+    contract = weights_contract(weights)
     entries = large_files(weights, (url or DEFAULT_URL).format(version=version))
     commands = commands or os.path.join(models_dir, COMMANDS_LOG)
     recorded = open(commands).read() if os.path.isfile(commands) else None
@@ -204,7 +236,9 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
                 data = f.read()
             if rel == os.path.join("docs", "README.md"):
                 data += provenance(entries, weights, version, recorded, dataset, data_licence, git_commit(),
-                                   date).encode()
+                                   date, contract).encode()
+            elif rel == os.path.join("configs", "metadata.json"):
+                data = archived_metadata(bundle_dir, contract)
             _zip_write(archive, f"{name}/{rel}", data)
         _zip_write(archive, f"{name}/large_files.yml", listing.encode())
     os.replace(tmp, archive_path)

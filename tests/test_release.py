@@ -46,10 +46,12 @@ VERSION = release.read_metadata()["version"]
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
-def fake_weights(folder, names=("pretrained_global.pt", "pretrained_local.pt")):
+def fake_weights(folder, names=("pretrained_global.pt", "pretrained_local.pt"), contract=None):
+    """Small stand-in checkpoints as the workflows write them: {"model": weights, "contract": data contract}."""
     folder.mkdir(parents=True, exist_ok=True)
+    contract = contract or release.read_metadata()["data_contract"]
     for i, name in enumerate(names):
-        (folder / name).write_bytes(b"weights %d" % i)
+        torch.save({"model": {"w": torch.full((2,), float(i))}, "contract": contract}, folder / name)
     return folder
 
 
@@ -85,7 +87,24 @@ def test_archive_holds_the_bundle_and_only_the_bundle(tmp_path):
         assert entry["url"] == f"https://example.org/v{VERSION}/{os.path.basename(path)}"
     card = zipfile.ZipFile(written["archive"]).read(f"{NAME}/docs/README.md").decode()
     assert "## Weights of this release" in card and entries["models/model.pt"]["hash_val"] in card
-    assert "test bytes" in card and "git commit" in card
+    assert "test bytes" in card and "git commit" in card and "**Data contract**" in card
+
+
+def test_archive_metadata_carries_the_weights_contract(tmp_path):
+    from scripts.contract import make_contract
+
+    contract = make_contract(96, 1.5, ["background", "liver"], placeholder_spacing=None)
+    models = fake_weights(tmp_path / "models", contract=contract)
+    written = release.pack(models_dir=str(models), dist_dir=str(tmp_path / "d"), dataset="x", data_licence="y")
+    meta = json.loads(zipfile.ZipFile(written["archive"]).read(f"{NAME}/configs/metadata.json"))
+    assert meta["data_contract"] == contract and meta["version"] == VERSION
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver"}
+    torch.save({"model": {}, "contract": release.read_metadata()["data_contract"]}, models / "pretrained_local.pt")
+    with pytest.raises(release.ReleaseError, match="different data contracts"):
+        release.pack(models_dir=str(models), dist_dir=str(tmp_path / "e"), dataset="x", data_licence="y")
+    torch.save({"encoder.w": torch.zeros(1)}, models / "pretrained_local.pt")   # written before contracts existed
+    with pytest.raises(release.ReleaseError, match="carries no data contract"):
+        release.pack(models_dir=str(models), dist_dir=str(tmp_path / "e"), dataset="x", data_licence="y")
 
 
 def test_pack_refuses_a_missing_weight_file_and_names_the_run(tmp_path):
@@ -195,14 +214,17 @@ from scripts.networks import UNet2D  # noqa: E402
 
 print("scripts from", scripts.__file__)
 name = os.path.basename(bundle)
-net = load(name, bundle_dir=os.path.dirname(bundle), model_file="models/pretrained_local.pt", model=UNet2D(1, 4))
-state = torch.load(os.path.join(bundle, "models", "pretrained_local.pt"), weights_only=True)
+net = load(name, bundle_dir=os.path.dirname(bundle), model_file="models/pretrained_local.pt", model=UNet2D(1, 4),
+           key_in_ckpt="model")
+state = torch.load(os.path.join(bundle, "models", "pretrained_local.pt"), weights_only=True)["model"]
 same = all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
 print("loaded", type(net).__name__, len(state), "tensors, identical:", same)
 
 C = os.path.join(bundle, "configs")
 model = os.path.join(mine, "models", "model.pt")
-common = dict(meta_file=f"{C}/metadata.json", config_file=f"{C}/inference.yaml", ckpt_file=model, num_classes=3)
+# the transferred model's own contract (3 classes) sets the network and the pre-processing: checkpoint=model
+common = dict(meta_file=f"{C}/metadata.json", config_file=f"{C}/inference.yaml", ckpt_file=model, key_in_ckpt="model",
+              checkpoint=model)
 exports = {"torchscript": os.path.join(mine, "models", "model.ts")}
 ckpt_export("network_def", filepath=exports["torchscript"], **common)
 if have_onnx == "True":
@@ -210,10 +232,9 @@ if have_onnx == "True":
     onnx_export("network_def", filepath=exports["onnx"], input_shape=[1, 1, 64, 64], converter_kwargs={
         "input_names": ["image"], "output_names": ["pred"],
         "dynamic_axes": {"image": {0: "batch"}, "pred": {0: "batch"}}}, **common)
-run(config_file=f"{C}/inference.yaml", input_glob=volume, num_classes=3, checkpoint=model,
-    output_dir=os.path.join(work, "pred_pytorch"))
+run(config_file=f"{C}/inference.yaml", input_glob=volume, checkpoint=model, output_dir=os.path.join(work, "pred_pytorch"))
 for kind, path in exports.items():
-    run(config_file=[f"{C}/inference.yaml", f"{C}/inference_exported.yaml"], input_glob=volume, num_classes=3,
+    run(config_file=[f"{C}/inference.yaml", f"{C}/inference_exported.yaml"], input_glob=volume, checkpoint=model,
         exported_model=path, output_dir=os.path.join(work, f"pred_{kind}"))
 print("exported and segmented:", ", ".join(["pytorch", *exports]))
 '''
@@ -242,10 +263,11 @@ def run_release_path(work, dist, url):
     torch.manual_seed(0)
     models = work / "models"
     models.mkdir()
-    pretrained = UNet2D(1, 4).state_dict()
+    contract = release.read_metadata()["data_contract"]   # the shipped model's data contract, as training writes it
+    pretrained = {"model": UNet2D(1, 4).state_dict(), "contract": contract}
     torch.save(pretrained, models / "pretrained_global.pt")
     torch.save(pretrained, models / "pretrained_local.pt")
-    torch.save(UNet2D(1, 4).state_dict(), models / "model.pt")
+    torch.save({"model": UNet2D(1, 4).state_dict(), "contract": contract}, models / "model.pt")
     (models / "commands.log").write_text("# tests/test_release.py: randomly initialised UNet2D(1, 4), seed 0\n")
     release.pack(url=url, models_dir=str(models), dist_dir=str(dist), dataset="none (random stand-in weights)",
                  data_licence="none")
@@ -298,7 +320,7 @@ def run_release_path(work, dist, url):
         "--split#num_validation", "1", "--split#num_test", "1", "--split#subset_sizes", "[1]",
         "--split#num_subsets", "[1]", "--cache_workers", "0")
     out["train"] = monai_bundle(
-        bundle, "run", "--config_file", "configs/train.yaml", "--dataset_dir", str(mine), "--num_classes", "3",
+        bundle, "run", "--config_file", "configs/train.yaml", "--dataset_dir", str(mine), "--transfer", "True",
         "--num_labelled", "1", "--model_dir", str(mine / "models"), "--output_dir", str(mine / "eval"),
         "--pretrained_checkpoint", "models/pretrained_local.pt", "--max_epochs", "3", "--iterations_per_epoch", "8",
         "--batch_size", "6", "--num_workers", "0")
@@ -342,15 +364,17 @@ def test_downloaded_bundle_segments_a_volume(released):
 def test_transfer_to_three_classes_loads_pretrained_blocks_and_the_loss_falls(released):
     mine, train = released["mine"], released["train"]
     datalist = json.load(open(mine / "datalist.json"))
-    assert datalist["labels"] == {"0": "background", "1": "blood pool", "2": "myocardium"}
-    pretrained = torch.load(released["bundle"] / "models" / "pretrained_local.pt", weights_only=True)
+    assert datalist["contract"]["class_names"] == ["background", "blood pool", "myocardium"]
+    assert "transfer: the fine-tuning data's contract replaces the checkpoint's: num_classes = 3" in train
+    pretrained = torch.load(released["bundle"] / "models" / "pretrained_local.pt", weights_only=True)["model"]
     loaded = [k for k in pretrained if k.startswith(pretrained_prefixes(3))]
     found = re.search(r"Initialised (\d+) tensors \((.*?)\) from (\S+)", train)
     assert found, train[-3000:]
     assert int(found.group(1)) == len(loaded) and found.group(2) == "encoder., decoder.0., decoder.1., decoder.2."
     assert found.group(3).rstrip(".").endswith("models/pretrained_local.pt")
-    state = torch.load(mine / "models" / "model.pt", weights_only=True)
-    assert state["out_conv.weight"].shape[0] == 3 and pretrained["out_conv.weight"].shape[0] == 4
+    saved = torch.load(mine / "models" / "model.pt", weights_only=True)
+    assert saved["model"]["out_conv.weight"].shape[0] == 3 and pretrained["out_conv.weight"].shape[0] == 4
+    assert saved["contract"] == datalist["contract"]   # the transferred model carries its new data's contract
     steps, losses = read_scalars(str(mine / "eval"), "train_loss")
     assert len(losses) == 24
     assert losses[-4:].mean() < losses[:4].mean(), losses

@@ -216,14 +216,10 @@ def metadata_entries(contract: Mapping) -> dict:
     return {"data_contract": dict(contract), "channel_def": names, "label_classes": listing, "pred_classes": listing}
 
 
-def write_metadata(checkpoint: str, metadata_file: str) -> dict:
-    """Copy the contract of ``checkpoint`` into ``metadata_file`` (data_contract, pred channel_def, label and
-    prediction class descriptions, the input's spatial shape), atomically. Returns the contract."""
-    contract = read_contract(checkpoint, "checkpoint")
-    if contract is None:
-        raise BundleError(f"checkpoint {checkpoint} carries no data contract: train it again with this version.")
-    with open(metadata_file) as f:
-        meta = json.load(f)
+def update_metadata(meta: dict, contract: Mapping) -> dict:
+    """``meta`` (a parsed metadata.json) with ``contract`` recorded: ``data_contract``, the class names of the
+    prediction's ``channel_def`` (what MONAI Label lists), the label and prediction class descriptions and the
+    input's spatial shape. Returns ``meta``, changed in place."""
     entries = metadata_entries(contract)
     meta["data_contract"] = entries["data_contract"]
     meta["label_classes"], meta["pred_classes"] = entries["label_classes"], entries["pred_classes"]
@@ -232,6 +228,17 @@ def write_metadata(checkpoint: str, metadata_file: str) -> dict:
     fmt["outputs"]["pred"]["num_channels"] = contract["num_classes"]
     fmt["outputs"]["pred"]["spatial_shape"] = [contract["image_size"]] * 2
     fmt["outputs"]["pred"]["channel_def"] = entries["channel_def"]
+    return meta
+
+
+def write_metadata(checkpoint: str, metadata_file: str) -> dict:
+    """Copy the contract of ``checkpoint`` into ``metadata_file`` (``update_metadata``), atomically. Returns the
+    contract."""
+    contract = read_contract(checkpoint, "checkpoint")
+    if contract is None:
+        raise BundleError(f"checkpoint {checkpoint} carries no data contract: train it again with this version.")
+    with open(metadata_file) as f:
+        meta = update_metadata(json.load(f), contract)
     tmp = metadata_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=4)
