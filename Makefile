@@ -33,7 +33,9 @@ test-all: venv
 # 2.13.0). pip stays the venv's own: a newer pip would not apply the machine's torch cap inside the build
 # environment of monailabel's sdist dependencies. No `[test]` extra: our jsonschema>=4 clashes with pydicom-seg's
 # jsonschema<4 (a monailabel dependency). sam2 (a monailabel dependency, an sdist) is built without its CUDA
-# extension: the server runs with --conf sam2 false. The stamp and pip's wheel cache make a second run quick.
+# extension: the server runs with --conf sam2 false. The DICOM stack is held below pydicom 3: monailabel imports
+# pydicom-seg 0.4.1, which fails on pydicom 3 ("No module named 'pydicom._storage_sopclass_uids'"), and the newest
+# dicomweb-client / pynetdicom need pydicom 3 (pip check is clean with these). The stamp and pip's wheel cache make a second run quick.
 MLVENV   ?= .venv-monailabel
 MLPY     := $(MLVENV)/bin/python
 ML_TORCH := torch==2.14.1 torchvision==0.29.1
@@ -41,6 +43,7 @@ $(MLVENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(MLVENV)
 	$(MLPY) -m pip install --quiet $(ML_TORCH)
 	SAM2_BUILD_CUDA=0 $(MLPY) -m pip install --quiet $(ML_TORCH) monailabel==0.8.5 "monai==1.6.1" "pytorch-ignite==0.5.5" -e . \
+		"pydicom>=2.4.4,<3" "dicomweb-client[gcp]>=0.59.1,<0.60" "pynetdicom>=2.0.2,<3" \
 		"pytest>=8" "pytest-timeout>=2" requests
 	touch $@
 

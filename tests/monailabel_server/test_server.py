@@ -198,8 +198,10 @@ class Server:
                "--conf", "zoo_source", "local",  # not the default "monaihosting": no look-up on the network
                "--conf", "sam2", "false",        # the app's SAM2 tasks would download weights
                "--conf", "preload", "false"]
-        env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-               "BUNDLE_DOWNLOAD_SRC": "local"}
+        # bin/monailabel is a shell script that runs `python -m monailabel.main` with the first python on PATH
+        bindir = os.path.dirname(sys.executable)
+        env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PATH": bindir + os.pathsep + os.environ["PATH"],
+               "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1", "BUNDLE_DOWNLOAD_SRC": "local"}
         log("starting: " + " ".join(cmd))
         self.t0 = time.time()
         self._out = open(self.log_file, "w")
