@@ -51,7 +51,7 @@ def test_datalist_round_trip_with_relative_paths(tmp_path):
     path = write_datalist(str(tmp_path / "datalist.json"), {"test": cases})
     assert json.load(open(path))["test"][0]["image"] == "a/img.nii.gz"
     assert load_datalist(path, "test") == cases
-    with pytest.raises(KeyError, match="has no list 'validation'"):
+    with pytest.raises(ValueError, match="has no list 'validation'"):
         load_datalist(path, "validation")
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -269,7 +269,7 @@ def test_bad_input_empty_folder(tmp_path):
         acdc(None)
 
 
-def test_every_problem_is_listed_and_nothing_written(tmp_path):
+def test_every_problem_is_listed_and_nothing_written(tmp_path, caplog):
     root = _acdc_tree(tmp_path / "raw", num_patients=6)
     nan_image, _ = _pair(0)
     nan_image[0, 0, 0] = np.nan
@@ -277,14 +277,14 @@ def test_every_problem_is_listed_and_nothing_written(tmp_path):
     _nii(root / "patient004" / "patient004_frame01_gt.nii.gz", np.full((20, 18, 6), 5, np.uint8))
     os.remove(root / "patient005" / "patient005_frame01_gt.nii.gz")
     out = tmp_path / "prepared"
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError) as error, caplog.at_level(logging.WARNING, logger="scripts.datasets"):
         prepare(acdc(str(root)), str(out), **SMALL_SPLIT, preprocessing=SETTINGS, cache_dir=str(out / "cache"))
     message = str(error.value)
-    assert message.startswith("3 problem(s) in the acdc data at")
-    assert "patient002_frame01.nii.gz: 1 NaN/Inf intensities" in message
-    assert "patient004_frame01_gt.nii.gz: unexpected label values [5] (expected [0, 1, 2, 3])" in message
-    assert "patient005_frame01.nii.gz: label file patient005_frame01_gt.nii.gz is missing" in message
-    assert "--on_error skip" in message
+    assert message.startswith("3 problem(s) in the acdc data at") and "\n" not in message  # one line
+    assert "--on_error skip" in message and "listed above" in message
+    assert "patient002_frame01.nii.gz: 1 NaN/Inf intensities" in caplog.text  # every problem, one log line each
+    assert "patient004_frame01_gt.nii.gz: unexpected label values [5] (expected [0, 1, 2, 3])" in caplog.text
+    assert "patient005_frame01.nii.gz: label file patient005_frame01_gt.nii.gz is missing" in caplog.text
     assert not out.exists()  # stopped before anything was written
 
 
@@ -292,7 +292,8 @@ def test_on_error_skip_leaves_bad_volumes_out_with_a_warning(tmp_path, caplog):
     root = _acdc_tree(tmp_path / "raw", num_patients=6)
     _nii(root / "patient003" / "patient003_frame01.nii.gz", np.zeros((20, 18, 6), np.float32))
     with caplog.at_level(logging.WARNING, logger="scripts.datasets"):
-        path = prepare(acdc(str(root)), str(tmp_path / "out"), **SMALL_SPLIT, on_error="skip")
+        path = prepare(acdc(str(root)), str(tmp_path / "out"), **SMALL_SPLIT, on_error="skip",
+                       preprocessing=SETTINGS)
     assert "skipped: " in caplog.text and "patient003_frame01.nii.gz: constant image" in caplog.text
     content = json.load(open(path))
     used = {c["patient"] for key in ("pretrain", "validation", "test") for c in content[key]}
@@ -306,9 +307,11 @@ def test_on_error_skip_leaves_bad_volumes_out_with_a_warning(tmp_path, caplog):
 def test_prepare_writes_a_patient_level_datalist_with_labels(tmp_path, monkeypatch):
     root = _acdc_tree(tmp_path / "raw", num_patients=6)
     out = tmp_path / "elsewhere" / "prepared"
-    path = prepare(acdc(str(root), phases="both"), str(out), **SMALL_SPLIT, seed=3)
+    path = prepare(acdc(str(root), phases="both"), str(out), **SMALL_SPLIT, seed=3, preprocessing=SETTINGS)
     content = json.load(open(path))
-    assert content["labels"]["3"] == "left ventricle" and content["channel"] is None
+    contract = content["contract"]
+    assert contract["class_names"][3] == "left ventricle" and contract["channel"] is None
+    assert contract["image_size"] == 16 and contract["num_classes"] == 4 and contract["label_values"] is None
     assert content["source"]["kind"] == "acdc" and content["source"]["phases"] == ["ED", "ES"]
     assert content["source"]["slices"] == 12 * 6
     assert content["test"][0]["image"].startswith(str(root))  # raw files outside dataset_dir: absolute paths
@@ -320,9 +323,10 @@ def test_prepare_writes_a_patient_level_datalist_with_labels(tmp_path, monkeypat
     # read back from another working directory, through a relative path
     monkeypatch.chdir(tmp_path)
     assert load_datalist("elsewhere/prepared/datalist.json", "test")[0]["image"] == content["test"][0]["image"]
-    assert datalist_info(path)["labels"] == content["labels"] and datalist_info(str(tmp_path / "none.json")) == {}
+    assert datalist_info(path)["contract"] == contract and datalist_info(str(tmp_path / "none.json")) == {}
     assert label_names(path) == ["right ventricle", "myocardium", "left ventricle"]
-    assert json.load(open(prepare(acdc(str(root), phases="both"), str(out), **SMALL_SPLIT, seed=3))) == content
+    again = prepare(acdc(str(root), phases="both"), str(out), **SMALL_SPLIT, seed=3, preprocessing=SETTINGS)
+    assert json.load(open(again)) == content
 
 
 def test_unlabelled_volumes_only_pretrain(tmp_path):
@@ -393,7 +397,7 @@ def test_prepare_command_fills_the_cache_the_workflows_read(tmp_path):
     parser = ConfigParser()
     parser.read_config([os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "pretrain.yaml")])
     parser.update({"dataset_dir": str(out), "image_size": 16})
-    assert parser.get_parsed_content("image_channel") == 0
+    assert parser.get_parsed_content("contract")["channel"] == 0 and parser.get_parsed_content("contract")["class_names"][1] == "inner"
     for key in ("train#dataset", "validate#dataset", "unlabelled#dataset"):
         dataset = parser.get_parsed_content(key)
         assert len(dataset) and all(os.path.isfile(dataset.cache_file(i)) for i in range(len(dataset))), key

@@ -2,6 +2,7 @@
 prepare -> pretrain (global then local) -> fine-tune -> evaluate -> infer; plus MONAI's own bundle checks."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -64,10 +65,12 @@ def workspace(tmp_path_factory):
 def test_pretraining_writes_both_stages(workspace):
     work, logs = workspace
     for name in ("pretrained_global.pt", "pretrained_local.pt"):
-        state = torch.load(work / "models" / name, weights_only=True)
-        assert "encoder.0.0.weight" in state and "decoder.0.up_conv.1.weight" in state
-    g = torch.load(work / "models" / "pretrained_global.pt", weights_only=True)
-    loc = torch.load(work / "models" / "pretrained_local.pt", weights_only=True)
+        saved = torch.load(work / "models" / name, weights_only=True)
+        assert set(saved) == {"model", "contract"}  # the weights travel with the data contract
+        assert "encoder.0.0.weight" in saved["model"] and "decoder.0.up_conv.1.weight" in saved["model"]
+        assert saved["contract"]["image_size"] == 64 and saved["contract"]["class_names"][3] == "left ventricle"
+    g = torch.load(work / "models" / "pretrained_global.pt", weights_only=True)["model"]
+    loc = torch.load(work / "models" / "pretrained_local.pt", weights_only=True)["model"]
     for k in g:  # the local stage leaves the encoder (weights and BatchNorm statistics) exactly as stage 1 left it
         if k.startswith("encoder."):
             assert torch.equal(g[k], loc[k]), k
@@ -78,16 +81,19 @@ def test_fine_tuning_starts_from_pretraining_and_selects_on_validation(workspace
     work, logs = workspace
     assert "from " + str(work / "models" / "pretrained_local.pt") in logs["train"]
     assert "val_mean_dice" in logs["train"]
-    state = torch.load(work / "models" / "model.pt", weights_only=True)
-    assert state["out_conv.weight"].shape[0] == 4
+    saved = torch.load(work / "models" / "model.pt", weights_only=True)
+    assert saved["model"]["out_conv.weight"].shape[0] == 4
+    data_contract = json.load(open(work / "data" / "datalist.json"))["contract"]
+    assert saved["contract"] == data_contract
 
 
 def test_evaluation_writes_dice_per_test_volume(workspace):
     work, _ = workspace
     with open(work / "eval" / "test" / "test_mean_dice_raw.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and {"class0", "class1", "class2", "mean"} <= set(rows[0])
-    assert all(0.0 <= float(rows[0][c]) <= 1.0 for c in ("class0", "class1", "class2"))
+    names = ["right ventricle", "myocardium", "left ventricle"]  # the columns carry the contract's class names
+    assert len(rows) == 1 and list(rows[0]) == ["filename", *names, "mean"]
+    assert all(0.0 <= float(rows[0][c]) <= 1.0 for c in names)
 
 
 def test_inference_writes_labels_on_the_input_grid(workspace):
@@ -106,15 +112,19 @@ def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
     if os.path.isfile(SCHEMA):
         bundle(tmp_path, "verify_metadata", "--meta_file", os.path.join(CONFIGS, "metadata.json"), "--filepath", SCHEMA)
     bundle(tmp_path, "verify_net_in_out", "network_def", "--meta_file", os.path.join(CONFIGS, "metadata.json"),
-           "--config_file", os.path.join(CONFIGS, "inference.yaml"), "--n", "2", pythonpath=True)
+           "--config_file", os.path.join(CONFIGS, "inference.yaml"), "--n", "2", "--checkpoint", "",
+           pythonpath=True)  # no weights: the data contract comes from metadata.json
     exported = tmp_path / "model.ts"
     bundle(tmp_path, "ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file",
-           str(work / "models" / "model.pt"), "--meta_file", os.path.join(CONFIGS, "metadata.json"),
+           str(work / "models" / "model.pt"), "--key_in_ckpt", "model", "--checkpoint", str(work / "models" / "model.pt"),
+           "--meta_file", os.path.join(CONFIGS, "metadata.json"),
            "--config_file", os.path.join(CONFIGS, "inference.yaml"),
            "--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]",
            pythonpath=True)
     scripted = torch.jit.load(str(exported))
     assert scripted(torch.rand(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+    trained = torch.load(work / "models" / "model.pt", weights_only=True)["model"]
+    assert torch.equal(scripted.state_dict()["out_conv.weight"], trained["out_conv.weight"])  # the trained weights
 
 
 @pytest.mark.parametrize("name, kind", [("train.yaml", "train"), ("inference.yaml", "infer")])
@@ -128,7 +138,7 @@ def test_configs_have_the_properties_monai_label_reads(workspace, name, kind):
         override = {"dataset_dir": str(work / "data"), "model_dir": str(work / "models"),
                     "train#dataset#data": [case], "validate#dataset#data": [case], **TINY_NETWORK}
     else:
-        override = {"datalist": [{"image": case["image"]}]}
+        override = {"datalist": [{"image": case["image"]}], "checkpoint": str(work / "models" / "model.pt")}
     workflow = ConfigWorkflow(config_file=os.path.join(CONFIGS, name), workflow_type=kind, **override)
     workflow.initialize()
     assert workflow.check_properties() == []

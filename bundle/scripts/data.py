@@ -11,8 +11,8 @@ the file's folder, with these keys:
 
 The split is patient-level: every entry carries a ``patient`` id and all entries of one patient share one role.
 Paths inside the datalist's folder are stored relative to it, paths elsewhere (a raw dataset left where it is) are
-absolute. Top-level entries that are not lists describe the dataset (``datalist_info``): ``labels`` (class index ->
-name), ``channel`` (the image channel used), ``label_values`` (raw label value of each class), ``source``.
+absolute. Top-level entries that are not lists describe the dataset (``datalist_info``): ``contract`` (the data
+contract of ``scripts.contract``: pre-processing settings, channel, class names, raw label values) and ``source``.
 
 Pre-processed volumes are cached on disk by ``CachedVolumes`` (a ``PersistentDataset``) under a key made of the
 files (path, size, modification time) and the pickled pre-processing transforms, so changed files or settings miss.
@@ -35,6 +35,8 @@ from monai.data import PersistentDataset, load_decathlon_datalist
 from monai.data.image_reader import ImageReader
 from torch.utils.data import Dataset
 
+from scripts.contract import make_contract
+from scripts.errors import BundleError, MissingFileError
 from scripts.sampler import partition_of
 
 logger = logging.getLogger(__name__)
@@ -151,17 +153,23 @@ def _is_case_list(value) -> bool:
 def load_datalist(path: str, key: str) -> list[dict]:
     """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a clear error for a missing key."""
     path = os.path.abspath(path)
-    with open(path) as f:
-        content = json.load(f)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"datalist {path} not found: prepare the data first (prepare.yaml) or point "
+                               "--dataset_dir at a prepared dataset.")
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except ValueError as error:
+        raise BundleError(f"datalist {path} is not valid JSON ({error}): prepare the data again.") from error
     keys = [k for k, v in content.items() if isinstance(v, list)]
     if key not in keys:
-        raise KeyError(f"{path} has no list '{key}'; it has: {', '.join(keys)}.")
+        raise BundleError(f"datalist {path} has no list '{key}'; it has: {', '.join(keys)}.")
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
 
 
 def datalist_info(path: str) -> dict:
-    """The top-level entries of the datalist at ``path`` that are not lists of volumes: ``labels`` (class index ->
-    name), ``channel``, ``label_values``, ``source``... ``{}`` when the file does not exist (e.g. under MONAI Label,
+    """The top-level entries of the datalist at ``path`` that are not lists of volumes: ``contract`` (the data
+    contract, ``scripts.contract``), ``source``... ``{}`` when the file does not exist (e.g. under MONAI Label,
     which hands over its own data lists)."""
     if not path or not os.path.isfile(path):
         return {}
@@ -171,13 +179,12 @@ def datalist_info(path: str) -> dict:
 
 
 def label_names(path: str, foreground_only: bool = True) -> list[str] | None:
-    """Class names in class order from the datalist's ``labels`` entry (without the background by default);
+    """Class names in class order from the datalist's data contract (without the background by default);
     None when the datalist has none (e.g. for ``scripts.report.dice_table(..., class_names=...)``)."""
-    labels = datalist_info(path).get("labels")
-    if not labels:
+    names = (datalist_info(path).get("contract") or {}).get("class_names")
+    if not names:
         return None
-    names = [labels[k] for k in sorted(labels, key=int)]
-    return names[1:] if foreground_only else names
+    return names[1:] if foreground_only else list(names)
 
 
 # ---------------------------------------------------------------- disk cache of pre-processed volumes
@@ -255,13 +262,15 @@ def prepare_synthetic(
     subset_sizes: Sequence[int] = (1, 2, 8),
     num_subsets: Sequence[int] = (3, 3, 1),
     seed: int = 0,
+    preprocessing: dict | None = None,
 ) -> str:
-    """Generate the embedded synthetic dataset in ``dataset_dir`` and its datalist; returns the datalist path."""
+    """Generate the embedded synthetic dataset in ``dataset_dir`` and its datalist, whose data contract records
+    the ``preprocessing`` settings (image_size, spacing, slice_axis, placeholder_spacing); returns the datalist path."""
     from scripts.synthetic import write_dataset
 
     cases = write_dataset(dataset_dir, num_patients=num_patients, seed=seed)
     datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed)
-    datalist["labels"] = dict(SYNTHETIC_LABELS)
+    datalist["contract"] = make_contract(class_names=SYNTHETIC_LABELS, **dict(preprocessing or {}))
     datalist["source"] = {"kind": "synthetic", "num_patients": num_patients, "seed": seed}
     path = write_datalist(os.path.join(dataset_dir, "datalist.json"), datalist)
     logger.info(f"Wrote {path}: " + ", ".join(f"{k} {len(v)}" for k, v in datalist.items() if isinstance(v, list)))
@@ -324,5 +333,5 @@ def find_images(pattern: str) -> list[dict]:
 
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"no input image matches '{pattern}'.")
+        raise MissingFileError(f"no input image matches '{pattern}': check --input_glob.")
     return [{"image": p} for p in paths]

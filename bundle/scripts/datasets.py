@@ -31,6 +31,8 @@ from multiprocessing.pool import ThreadPool
 
 import numpy as np
 
+from scripts.contract import make_contract
+from scripts.errors import BundleError
 from scripts.data import CachedVolumes, split_patients, write_datalist
 from scripts.transforms import choose_slice_axis, preprocessing as build_preprocessing
 
@@ -563,7 +565,7 @@ def validate(
     without class names), the classes become 0..max value found, named "class k".
     """
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
+        raise BundleError(f"on_error must be one of {ON_ERROR}, got {on_error!r}.")
     allowed = raw.label_values
     if allowed is None and raw.labels is not None:
         allowed = list(range(len(raw.labels)))
@@ -580,17 +582,18 @@ def validate(
     good = [c for c, (case_problems, _) in zip(raw.cases, found) if not case_problems]
     facts = [case_facts for case_problems, case_facts in found if not case_problems]
     if problems:
-        listing = "\n".join(f"  - {path}: {message}" for path, message in problems)
-        if on_error == "raise":
-            raise ValueError(
-                f"{len(problems)} problem(s) in the {raw.kind} data at {raw.root} "
-                f"({len(raw.cases) - len(good)} of {len(raw.cases)} volumes affected):\n{listing}\n"
-                "Nothing was written. Fix or remove these files, or prepare with --on_error skip to leave them out."
-            )
         for path, message in problems:
-            logger.warning(f"skipped: {path}: {message}")
+            logger.warning(f"{'problem' if on_error == 'raise' else 'skipped'}: {path}: {message}")
+        if on_error == "raise":
+            first_path, first_message = problems[0]
+            raise BundleError(
+                f"{len(problems)} problem(s) in the {raw.kind} data at {raw.root} "
+                f"({len(raw.cases) - len(good)} of {len(raw.cases)} volumes affected; listed above), the first: "
+                f"{first_path}: {first_message}. Nothing was written. Fix or remove these files, or prepare with "
+                "--on_error skip to leave them out."
+            )
     if not good:
-        raise ValueError(f"no usable volume left in {raw.root} ({len(problems)} problem(s)).")
+        raise BundleError(f"no usable volume left in {raw.root} ({len(problems)} problem(s)).")
     if raw.labels is None:
         largest = max([f["max_label"] for f in facts if "max_label" in f] + [1])
         raw.labels = {"0": "background", **{str(k): f"class {k}" for k in range(1, largest + 1)}}
@@ -652,21 +655,22 @@ def prepare(
     (``fill_cache``, when ``cache_dir`` is set) and write ``<dataset_dir>/datalist.json`` (last, atomically, so an
     interrupted run leaves the previous datalist or none). Returns the datalist path.
 
-    Besides the lists, the datalist holds ``labels`` (class index -> name), ``channel``, ``label_values``, ``source``
-    (layout, raw folder, options, skipped files) and ``preprocessing`` (the settings the cache was filled with).
+    Besides the lists, the datalist holds the data ``contract`` (``scripts.contract``: the pre-processing settings the
+    cache was filled with, channel, class names and raw label values) and ``source`` (layout, raw folder, options,
+    skipped files).
     """
     start = time.perf_counter()
     settings = dict(preprocessing or {})
+    if not {"image_size", "spacing"} <= set(settings):
+        raise BundleError(f"prepare needs the pre-processing settings image_size and spacing, got {settings}.")
     cases = validate(source, num_partitions, settings.get("slice_axis", "auto"), on_error, cache_workers)
     datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed)
     kept = {c["image"] for c in cases}
     datalist.update(
-        labels=source.labels,
-        channel=source.channel,
-        label_values=source.label_values,
+        contract=make_contract(class_names=source.labels, channel=source.channel, label_values=source.label_values,
+                               **settings),
         source={"kind": source.kind, "raw_dir": source.root, **source.details, "seed": seed,
                 "skipped": sorted({c["image"] for c in source.cases} - kept) + [p for p, _ in source.problems]},
-        preprocessing=settings,
     )
     checked = time.perf_counter()
     stats = None

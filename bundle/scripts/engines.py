@@ -8,10 +8,12 @@ accumulation, events and handlers all come from the trainer.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from monai.handlers import MetricsSaver
 from torch import nn
 
 METADATA_KEYS = ("volume", "partition", "sample", "position")
@@ -82,3 +84,23 @@ class LossProgressBar:
 
     def attach(self, engine) -> None:
         self.bar.attach(engine, output_transform=lambda output: {"loss": loss_value(output)})
+
+
+class NamedMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` whose per-class columns and rows carry the class names (``class_names``, foreground
+    classes in order) instead of ``class0, class1, ...``; everything else is MONAI's."""
+
+    def __init__(self, class_names: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = [str(n) for n in class_names]
+
+    def __call__(self, engine) -> None:
+        # MetricsSaver does not pass class labels on to write_metrics_reports (monai 1.6): supply them for this call
+        import monai.handlers.metrics_saver as saver
+
+        original = saver.write_metrics_reports
+        saver.write_metrics_reports = functools.partial(original, class_labels=self.class_names)
+        try:
+            super().__call__(engine)
+        finally:
+            saver.write_metrics_reports = original

@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scripts.errors import BundleError
+
 __all__ = [
     "GLOBAL_STRATEGIES",
     "LOCAL_STRATEGIES",
@@ -155,7 +157,8 @@ def _pair_masks(
         distance = (anchor_meta["position"][:, None] - candidate_meta["position"][None, :]).abs()
         related = same_sample | (distance < position_threshold)
     else:  # guarded by the callers
-        raise ValueError(f"strategy must be one of {GLOBAL_STRATEGIES}, got {strategy!r}.")
+        raise BundleError(f"unknown global strategy {strategy!r} (pretrain.yaml: global#strategy); choose one of "
+                          f"{', '.join(GLOBAL_STRATEGIES)}.")
     return related & not_self, ~related & not_self
 
 
@@ -701,20 +704,24 @@ class LocalContrastiveLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 def _check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
+        raise BundleError(f"temperature must be a positive finite number, got {temperature!r} "
+                          "(pretrain.yaml: global#temperature / local#temperature).")
 
 
 def _check_global_args(strategy, position_threshold) -> None:
     if strategy not in GLOBAL_STRATEGIES:
-        raise ValueError(f"strategy must be one of {GLOBAL_STRATEGIES}, got {strategy!r}.")
+        raise BundleError(f"unknown global strategy {strategy!r} (pretrain.yaml: global#strategy); choose one of "
+                          f"{', '.join(GLOBAL_STRATEGIES)}.")
     number = isinstance(position_threshold, (int, float)) and not isinstance(position_threshold, bool)
     if not number or not position_threshold > 0:
-        raise ValueError(f"position_threshold must be a positive number, got {position_threshold!r}.")
+        raise BundleError(f"position_threshold must be a positive number, got {position_threshold!r} "
+                          "(pretrain.yaml: global#position_threshold).")
 
 
 def _check_local_strategy(strategy) -> None:
     if strategy not in LOCAL_STRATEGIES:
-        raise ValueError(f"strategy must be one of {LOCAL_STRATEGIES}, got {strategy!r}.")
+        raise BundleError(f"unknown local strategy {strategy!r} (pretrain.yaml: local#strategy); choose one of "
+                          f"{', '.join(LOCAL_STRATEGIES)}.")
 
 
 def _check_length(name: str, value, n: int | None) -> int:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+
+from scripts.contract import check_checkpoint, load_checkpoint
+from scripts.errors import BundleError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -224,31 +227,37 @@ def pretrained_prefixes(decoder_blocks: int) -> tuple[str, ...]:
     return ("encoder.",) + tuple(f"decoder.{i}." for i in range(decoder_blocks))
 
 
-def load_pretrained(network: UNet2D, checkpoint: str | None, decoder_blocks: int = 0) -> UNet2D:
+def load_pretrained(
+    network: UNet2D, checkpoint: str | None, decoder_blocks: int = 0, contract: Mapping | None = None
+) -> UNet2D:
     """Initialise the encoder and the first ``decoder_blocks`` decoder blocks of ``network`` from ``checkpoint``.
 
     ``checkpoint`` is a U-Net state_dict (or a dict holding one under "model"), loaded with ``weights_only=True``;
     weights and BatchNorm statistics are copied, every other layer keeps its random initialisation. ``None`` or
-    an empty string leaves the network untouched (training from random initialisation). Returns ``network``.
+    an empty string leaves the network untouched (training from random initialisation). With ``contract``, a
+    checkpoint whose data contract has other pre-processing is refused. Returns ``network``.
     """
     if not checkpoint:
         logger.info("No pre-trained checkpoint: the network starts from random initialisation.")
         return network
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pre-trained checkpoint {checkpoint} not found: run the pre-training (pretrain.yaml) first, point "
             "pretrained_checkpoint at it, or fine-tune from random initialisation with --use_pretrained False."
         )
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    loaded = load_checkpoint(checkpoint)
+    if contract is not None:
+        check_checkpoint(loaded, checkpoint, contract)
+    state = loaded.get("model", loaded)
     prefixes = pretrained_prefixes(decoder_blocks)
     selected = {k: v for k, v in state.items() if k.startswith(prefixes)}
     if not any(k.startswith("encoder.") for k in selected):
-        raise ValueError(f"{checkpoint}: no encoder weights found (expected keys starting with 'encoder.').")
+        raise BundleError(f"{checkpoint}: no encoder weights found (expected keys starting with 'encoder.').")
     own = network.state_dict()
     mismatched = [k for k, v in selected.items() if k not in own or own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"{checkpoint}: keys missing in or shaped unlike the network: {mismatched[:5]}")
+        raise BundleError(f"{checkpoint}: keys missing in or shaped unlike the network: {mismatched[:5]} (another "
+                          "architecture: set encoder_channels / decoder_channels as the checkpoint was trained)")
     network.load_state_dict(selected, strict=False)
     logger.info(f"Initialised {len(selected)} tensors ({', '.join(prefixes)}) from {checkpoint}.")
     return network

@@ -1,50 +1,48 @@
 """Tables from evaluation results: the per-volume Dice CSVs that ``evaluate.yaml`` writes with ``MetricsSaver``.
 
-``<evaluation_dir>/test_mean_dice_raw.csv`` has one row per volume: ``filename, class0, class1, ..., mean`` where
-``classK`` is the 3D Dice of foreground class K+1 on the volume's native grid.
+``<evaluation_dir>/test_mean_dice_raw.csv`` has one row per volume: ``filename, <class name>, ..., mean`` with the 3D
+Dice of each foreground class (named as in the data contract) on the volume's native grid.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 DICE_CSV = "test_mean_dice_raw.csv"
-METADATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "metadata.json")
 
 
-def foreground_class_names(metadata_file: str = METADATA) -> list[str]:
-    """Names of the foreground classes, in order, from ``outputs.pred.channel_def`` of the bundle metadata."""
-    with open(metadata_file) as f:
-        channels = json.load(f)["network_data_format"]["outputs"]["pred"]["channel_def"]
-    return [channels[k] for k in sorted(channels, key=int) if int(k) > 0]
-
-
-def read_dice(evaluation_dir: str) -> np.ndarray:
-    """(volumes, classes) Dice per volume and foreground class from ``evaluation_dir``; NaN where undefined."""
+def read_dice_columns(evaluation_dir: str) -> tuple[list[str], np.ndarray]:
+    """(class names, (volumes, classes) Dice) per volume and foreground class from ``evaluation_dir``; NaN where
+    undefined. The names are the CSV's column headers (the contract's class names)."""
     path = os.path.join(evaluation_dir, DICE_CSV)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run the evaluation (evaluate.yaml) first.")
     with open(path) as f:
-        rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(f, delimiter=","))
     if not rows:
         raise ValueError(f"{path} holds no volume.")
-    columns = sorted((c for c in rows[0] if c.startswith("class")), key=lambda c: int(c[5:]))
-    return np.array([[float(r[c]) for c in columns] for r in rows], dtype=float)
+    columns = [c for c in rows[0] if c not in ("filename", "mean")]
+    return columns, np.array([[float(r[c]) for c in columns] for r in rows], dtype=float)
+
+
+def read_dice(evaluation_dir: str) -> np.ndarray:
+    """(volumes, classes) Dice per volume and foreground class from ``evaluation_dir``; NaN where undefined."""
+    return read_dice_columns(evaluation_dir)[1]
 
 
 def dice_table(results: Mapping[str, str], class_names: Sequence[str] | None = None) -> str:
     """A markdown table: one row per named result (name -> evaluation_dir), mean +- std over volumes per class
-    and of the per-volume mean over classes."""
-    class_names = list(class_names or foreground_class_names())
+    and of the per-volume mean over classes. Class names: ``class_names``, else the CSV headers."""
+    names = {name: read_dice_columns(directory) for name, directory in results.items()}
+    class_names = list(class_names or next(iter(names.values()))[0])
     header = ["initialisation", "volumes", *class_names, "mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, directory in results.items():
-        dice = read_dice(directory)
+        dice = names[name][1]
         if dice.shape[1] != len(class_names):
             raise ValueError(f"{directory}: {dice.shape[1]} classes in the CSV, {len(class_names)} names given.")
         per_volume = np.nanmean(dice, axis=1)

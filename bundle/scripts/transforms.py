@@ -43,6 +43,8 @@ from monai.transforms import (
     Transform,
 )
 
+from scripts.errors import BundleError
+
 
 def voxel_spacing(affine) -> np.ndarray:
     """Voxel size along each array axis (the column norms of the affine's linear part)."""
@@ -91,7 +93,7 @@ def _source(img) -> str:
 
 def _check_3d(img, key: Hashable) -> None:
     if img.ndim != 4:
-        raise ValueError(
+        raise BundleError(
             f"{_source(img)}: '{key}' has {img.ndim - 1} spatial dimensions (shape {tuple(img.shape[1:])}), "
             "a 3D volume is expected."
         )
@@ -115,12 +117,12 @@ class SelectChanneld(MapTransform):
             n = img.shape[0]
             if self.channel is None:
                 if n != 1:
-                    raise ValueError(
+                    raise BundleError(
                         f"{_source(img)}: '{key}' has {n} channels (a 4D file) where a 3D volume is expected; "
                         "choose one channel (image_channel / channel)."
                     )
             elif self.channel >= n:
-                raise ValueError(f"{_source(img)}: channel {self.channel} requested, '{key}' has {n} channel(s).")
+                raise BundleError(f"{_source(img)}: channel {self.channel} requested, '{key}' has {n} channel(s).")
             else:
                 d[key] = img[self.channel : self.channel + 1]
         return d
@@ -148,7 +150,7 @@ class RemapLabelsd(MapTransform):
             known = torch.isin(raw, table)
             if not bool(known.all()):
                 unknown = [int(v) if float(v).is_integer() else v for v in torch.unique(raw[~known]).tolist()]
-                raise ValueError(
+                raise BundleError(
                     f"{_source(img)}: unexpected label values {unknown[:10]}; expected {list(self.values)}."
                 )
             out = torch.zeros_like(raw)

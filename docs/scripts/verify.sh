@@ -7,9 +7,9 @@ PY=${PY:-../.venv/bin/python}
 SCHEMA=${SCHEMA:-../../shared/schema/meta_schema_20240725.json}
 "$PY" -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath "$SCHEMA"
 "$PY" -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \
-    --config_file configs/inference.yaml --n 2
+    --config_file configs/inference.yaml --n 2 --checkpoint ""   # no weights needed: metadata.json's contract
 if [ -f models/model.pt ]; then
-    "$PY" -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \
+    "$PY" -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt --key_in_ckpt model \
         --meta_file configs/metadata.json --config_file configs/inference.yaml
 else
     echo "models/model.pt not found: run fine-tuning (make demo) before the TorchScript export"
