@@ -228,6 +228,23 @@ class Server:
             self._out.flush()
             print("[server] " + line.rstrip(), flush=True)
 
+    def log_text(self) -> str:
+        with open(self.log_file) as f:
+            return f.read()
+
+    def group_left(self) -> list[int]:
+        """Processes still in the server's process group."""
+        left = []
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                left.append(int(stat.split("/")[2]))
+        return left
+
     def stop(self):
         if self.proc is None:
             return
@@ -243,7 +260,10 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        log(f"server stopped (exit code {self.proc.returncode})")
+        time.sleep(1)
+        left = self.group_left()
+        log(f"server stopped (exit code {self.proc.returncode}); processes left in its group: {left or 'none'}")
+        assert not left, f"processes outlived the server: {left}"
 
     # ---------------------------------------------------------------- REST
     def call(self, method, path, **kwargs):
@@ -378,6 +398,14 @@ def test_train_through_the_server_writes_the_model_the_next_infer_uses(server, t
             break
     log(f"GET /train/ -> status {status.get('status')}, started {status.get('start_ts')}, ended {status.get('end_ts')}")
     assert status.get("status") == "DONE", json.dumps(status, indent=1)[-3000:]
+    # the training subprocess ran our train.yaml: pre-trained initialisation, MONAI Label's loader of the served
+    # model.pt, our progress bar and our validation metric
+    text = server.log_text()
+    for evidence in ("Initialised", "pretrained_local.pt", "Restored all variables from " + model_pt, "fine-tune:",
+                     "val_mean_dice", "Total Records for Training: 2", "Total Records for Validation: 1"):
+        assert evidence in text, f"not in the server's log: {evidence!r}"
+    best = [line for line in text.splitlines() if "Key metric: val_mean_dice best value" in line]
+    log("  training log: " + (best[-1].split("INFO - ")[-1] if best else "no best metric line"))
     after = os.stat(model_pt).st_mtime_ns
     log(f"  models/model.pt rewritten: {after != before} (mtime {before} -> {after})")
     assert after != before
