@@ -35,7 +35,8 @@ test-all: venv
 # jsonschema<4 (a monailabel dependency). sam2 (a monailabel dependency, an sdist) is built without its CUDA
 # extension: the server runs with --conf sam2 false. The DICOM stack is held below pydicom 3: monailabel imports
 # pydicom-seg 0.4.1, which fails on pydicom 3 ("No module named 'pydicom._storage_sopclass_uids'"), and the newest
-# dicomweb-client / pynetdicom need pydicom 3 (pip check is clean with these). The stamp and pip's wheel cache make a second run quick.
+# dicomweb-client / pynetdicom need pydicom 3 (pip check is clean with these). The stamp and pip's wheel cache
+# make a second run quick; the test caches its short-run weights in $(MLVENV)/test-cache.
 MLVENV   ?= .venv-monailabel
 MLPY     := $(MLVENV)/bin/python
 ML_TORCH := torch==2.14.1 torchvision==0.29.1
