@@ -132,7 +132,11 @@ def lay_out_bundle(target: str, synthetic_work: str):
         tops = [d for d in glob.glob(os.path.join(unpacked, "*", "configs", "metadata.json"))]
         src = os.path.dirname(os.path.dirname(tops[0])) if tops else unpacked
         shutil.move(src, target)
+        shutil.rmtree(unpacked, ignore_errors=True)
         assert os.path.isfile(os.path.join(target, "models", "model.pt")), f"{archive} holds no models/model.pt"
+        if not os.path.isfile(os.path.join(target, "models", "pretrained_local.pt")):
+            log(f"  WARNING: {archive} holds no models/pretrained_local.pt: train.yaml (use_pretrained: true) "
+                "initialises from it, so /train will fail")
     else:
         log(f"bundle from {BUNDLE} with the short run's weights")
         shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns("data", "eval", "runs", "models", "__pycache__"))
@@ -143,13 +147,10 @@ def lay_out_bundle(target: str, synthetic_work: str):
 
 def sample_app() -> str:
     """The `monaibundle` sample app inside the installed monailabel package (data files under sys.prefix)."""
-    candidates = [os.path.join(sys.prefix, "monailabel", "sample-apps", "monaibundle"),
-                  os.path.join(os.path.dirname(monailabel.__file__), "..", "..", "..", "..", "monailabel",
-                               "sample-apps", "monaibundle")]
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, "main.py")):
-            return os.path.abspath(c)
-    raise FileNotFoundError(f"no monaibundle sample app in {candidates}")
+    app = os.path.join(sys.prefix, "monailabel", "sample-apps", "monaibundle")
+    if not os.path.isfile(os.path.join(app, "main.py")):
+        raise FileNotFoundError(f"no monaibundle sample app at {app}")
+    return app
 
 
 def free_port() -> int:
