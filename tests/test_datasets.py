@@ -397,7 +397,8 @@ def test_prepare_command_fills_the_cache_the_workflows_read(tmp_path):
     parser = ConfigParser()
     parser.read_config([os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "pretrain.yaml")])
     parser.update({"dataset_dir": str(out), "image_size": 16})
-    assert parser.get_parsed_content("contract")["channel"] == 0 and parser.get_parsed_content("contract")["class_names"][1] == "inner"
+    contract = parser.get_parsed_content("contract")
+    assert contract["channel"] == 0 and contract["class_names"][1] == "inner"
     for key in ("train#dataset", "validate#dataset", "unlabelled#dataset"):
         dataset = parser.get_parsed_content(key)
         assert len(dataset) and all(os.path.isfile(dataset.cache_file(i)) for i in range(len(dataset))), key

@@ -9,8 +9,8 @@ from scripts.report import dice_table, plot_curves, read_dice, read_scalars
 
 def _dice_csv(folder, rows):
     folder.mkdir(parents=True)
-    lines = ["filename,right ventricle,myocardium,left ventricle,mean"] + [",".join(["v%d" % i, *map(str, r), str(sum(r) / 3)])
-                                                      for i, r in enumerate(rows)]
+    lines = ["filename,right ventricle,myocardium,left ventricle,mean"]
+    lines += [",".join(["v%d" % i, *map(str, r), str(sum(r) / 3)]) for i, r in enumerate(rows)]
     (folder / "test_mean_dice_raw.csv").write_text("\n".join(lines) + "\n")
     return str(folder)
 

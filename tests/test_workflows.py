@@ -116,7 +116,8 @@ def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
            pythonpath=True)  # no weights: the data contract comes from metadata.json
     exported = tmp_path / "model.ts"
     bundle(tmp_path, "ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file",
-           str(work / "models" / "model.pt"), "--key_in_ckpt", "model", "--checkpoint", str(work / "models" / "model.pt"),
+           str(work / "models" / "model.pt"), "--key_in_ckpt", "model",
+           "--checkpoint", str(work / "models" / "model.pt"),
            "--meta_file", os.path.join(CONFIGS, "metadata.json"),
            "--config_file", os.path.join(CONFIGS, "inference.yaml"),
            "--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]",

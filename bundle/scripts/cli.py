@@ -45,8 +45,20 @@ def study(target: str, output: str, examples: bool = True) -> None:
     report(target, output, examples=examples)
 
 
+def contract(checkpoint: str, metadata: str | None = None) -> None:
+    """Copy the data contract of a trained ``checkpoint`` into the bundle's ``metadata.json`` (``data_contract``,
+    the class names MONAI Label lists, the input's spatial shape) before shipping it, e.g.
+    ``contract --checkpoint bundle/models/model.pt``."""
+    from scripts.contract import write_metadata
+
+    metadata = metadata or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                        "metadata.json")
+    found = write_metadata(checkpoint, metadata)
+    print(f"{metadata}: data_contract from {checkpoint}: {found}")
+
+
 def main() -> None:
-    fire.Fire({"compare": compare, "curves": curves, "study": study})
+    fire.Fire({"compare": compare, "curves": curves, "study": study, "contract": contract})
 
 
 if __name__ == "__main__":

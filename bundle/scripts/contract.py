@@ -79,7 +79,8 @@ def load_checkpoint(path: str) -> dict:
     """The dict stored in the checkpoint at ``path`` (loaded with ``weights_only=True``); one-line errors for a
     missing, unreadable or unsafe file."""
     if not os.path.isfile(path):
-        raise MissingFileError(f"checkpoint {path} not found: run the workflow that writes it or point the config at it.")
+        raise MissingFileError(f"checkpoint {path} not found: run the workflow that writes it or point the config "
+                               "at it.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

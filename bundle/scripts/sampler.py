@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from scripts.errors import BundleError
+
 __all__ = ["partition_of", "PartitionBatchSampler"]
 
 logger = logging.getLogger(__name__)
@@ -141,11 +143,12 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int]]]):
             )
         eligible = [v for v, q in enumerate(counts) if q >= num_partitions]
         if not eligible:
-            raise ValueError(f"no volume has at least num_partitions={num_partitions} slices (slice_counts={counts}).")
+            raise BundleError(f"no volume has at least num_partitions={num_partitions} slices (slice_counts={counts}).")
         if len(eligible) // world_size < volumes_per_batch:
-            raise ValueError(
+            raise BundleError(
                 f"volumes_per_batch={volumes_per_batch} exceeds the {len(eligible) // world_size} eligible volumes "
-                f"available to each of the {world_size} rank(s) ({len(eligible)} eligible in all)."
+                f"available to each of the {world_size} rank(s) ({len(eligible)} eligible in all): lower "
+                "global#volumes_per_batch / local#volumes_per_batch (pretrain.yaml) or add volumes."
             )
         self.slice_counts, self.eligible, self.excluded = counts, eligible, short
         self.volumes_per_batch, self.num_partitions = int(volumes_per_batch), int(num_partitions)
