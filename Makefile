@@ -2,12 +2,13 @@
 #   make demo   pre-train, fine-tune (pre-trained vs random), evaluate on the embedded synthetic data (< 15 min, 2 CPUs)
 #   make test   the test suite (what CI runs)
 #   make bundle the release: dist/<name>_v<version>.zip + weight files + large_files.yml (docs/use_pretrained.md)
+#   make test-monailabel   the bundle served and trained by a real MONAI Label server (own venv: docs/monailabel.md)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: venv demo test test-all verify bundle version bench experiments report clean
+.PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle version bench experiments report clean
 
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -27,6 +28,33 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# MONAI Label's own environment, beside .venv (docs/monailabel.md): monailabel 0.8.5 imports torchvision, and only
+# the torch 2.14.1 + torchvision 0.29.1 pair imports together here (PyPI's torchvision fails beside the CPU torch
+# 2.13.0). pip stays the venv's own: a newer pip would not apply the machine's torch cap inside the build
+# environment of monailabel's sdist dependencies. No `[test]` extra: our jsonschema>=4 clashes with pydicom-seg's
+# jsonschema<4 (a monailabel dependency). sam2 (a monailabel dependency, an sdist) is built without its CUDA
+# extension: the server runs with --conf sam2 false. The DICOM stack is held below pydicom 3: monailabel imports
+# pydicom-seg 0.4.1, which fails on pydicom 3 ("No module named 'pydicom._storage_sopclass_uids'"), and the newest
+# dicomweb-client / pynetdicom need pydicom 3 (pip check is clean with these). The stamp and pip's wheel cache
+# make a second run quick; the test caches its short-run weights in $(MLVENV)/test-cache.
+MLVENV   ?= .venv-monailabel
+MLPY     := $(MLVENV)/bin/python
+ML_TORCH := torch==2.14.1 torchvision==0.29.1
+$(MLVENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(MLVENV)
+	$(MLPY) -m pip install --quiet $(ML_TORCH)
+	SAM2_BUILD_CUDA=0 $(MLPY) -m pip install --quiet $(ML_TORCH) monailabel==0.8.5 "monai==1.6.1" "pytorch-ignite==0.5.5" -e . \
+		"pydicom>=2.4.4,<3" "dicomweb-client[gcp]>=0.59.1,<0.60" "pynetdicom>=2.0.2,<3" \
+		"pytest>=8" "pytest-timeout>=2" requests
+	touch $@
+
+venv-monailabel: $(MLVENV)/.installed
+
+# a real `monailabel start_server` on 127.0.0.1 serving and training the bundle through its REST API
+test-monailabel: venv-monailabel
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(MLPY) -m pytest -s -v -p no:cacheprovider tests/monailabel_server \
+		-o timeout=3600
 
 # bundle checks: metadata against the local schema copy, network input/output, TorchScript export
 verify: venv
@@ -60,4 +88,4 @@ report: venv
 	PYTHONPATH=bundle $(PY) -m study.experiments report $(PLAN) --output docs/study/$(basename $(notdir $(PLAN)))
 
 clean:
-	rm -rf $(VENV) runs bundle/eval bundle/data dist
+	rm -rf $(VENV) $(MLVENV) runs bundle/eval bundle/data dist

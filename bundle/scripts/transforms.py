@@ -271,6 +271,24 @@ class PlaceholderSpacingd(MapTransform, InvertibleTransform):
         return d
 
 
+class InPlaneSpacingd(Spacingd):
+    """MONAI's ``Spacingd``, untroubled by other entries named ``<key>_...`` that are not metadata dicts.
+
+    After resampling a NIfTI image, monai 1.6's ``Spacingd`` calls ``.update(meta)`` on *every* data entry whose name
+    starts with ``<key>_``. MONAI Label puts ``"image_path"`` (a str) in each inference request, so the plain
+    transform fails there ("'str' object has no attribute 'update'"). Such entries are set aside during the call
+    and put back unchanged; the resampling, its metadata and its inverse are ``Spacingd``'s own."""
+
+    def __call__(self, data, lazy: bool | None = None):
+        d = dict(data)
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        aside = {k: d.pop(k) for k in list(d) if isinstance(k, str) and k.startswith(prefixes)
+                 and not isinstance(d[k], dict)}
+        d = super().__call__(d, lazy=lazy)
+        d.update(aside)
+        return d
+
+
 def preprocessing(
     keys: Sequence[str] = ("image", "label"),
     image_size: int = 192,
@@ -320,7 +338,7 @@ def preprocessing(
         SliceAxisLastd(keys, slice_axis),
         PlaceholderSpacingd(keys, placeholder_spacing, image_size, spacing),
         # in-plane only: a non-positive spacing keeps the original one along the slice axis
-        Spacingd(keys, pixdim=(spacing, spacing, -1.0), mode=("bilinear",) + ("nearest",) * len(labels)),
+        InPlaneSpacingd(keys, pixdim=(spacing, spacing, -1.0), mode=("bilinear",) + ("nearest",) * len(labels)),
         ResizeWithPadOrCropd(keys, spatial_size=(image_size, image_size, -1)),
     ]
     return Compose(steps)

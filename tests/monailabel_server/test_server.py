@@ -1,0 +1,420 @@
+"""The bundle served and trained by a real MONAI Label server (`make test-monailabel`, its own venv).
+
+Lays the bundle under a copy of the `monaibundle` sample app that ships inside the monailabel package, starts
+`monailabel start_server` on 127.0.0.1 (a free port, offline: local zoo source, no SAM2) against a studies folder of
+synthetic NIfTI volumes, and talks to it only through its REST API:
+  GET /info/ -> our model and label names; POST /infer -> a label volume on the input's grid that agrees with our own
+  inference.yaml; POST /train -> our train.yaml runs and writes a new models/model.pt that the next /infer uses;
+  bad requests -> HTTP errors while the server keeps serving.
+
+Not collected by `make test` (setup.cfg: norecursedirs); run with `make test-monailabel` (pytest -s: the server's
+log and every REST call are printed).
+
+The bundle: MONAILABEL_BUNDLE_ZIP, else the newest dist/*.zip (`make bundle`), else the bundle/ folder with weights
+from a short run on the embedded synthetic data (cached in $MONAILABEL_TEST_CACHE, default .venv-monailabel/test-cache,
+keyed by the bundle's configs and scripts, so a second run skips it).
+"""
+
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+requests = pytest.importorskip("requests")
+monailabel = pytest.importorskip("monailabel")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUNDLE = os.path.join(ROOT, "bundle")
+MODEL_NAME = "contrastive_cardiac_segmentation"  # the bundle's folder name = the model name the server reports
+CACHE = os.environ.get("MONAILABEL_TEST_CACHE", os.path.join(ROOT, ".venv-monailabel", "test-cache"))
+START_TIMEOUT = 600  # seconds for the server to answer GET /info/ (imports torch, MONAI, builds the app)
+TRAIN_TIMEOUT = 900  # seconds for the training task started through /train
+# Parity with our own inference.yaml. Both run the same pre-processing, network, SliceInferer and Invertd in
+# float32 on the CPU; the server wraps our LoadImaged in its own loader and adds its own Restored (a nearest resize,
+# a no-op when the prediction is already on the input's grid) and writer. Measured with monailabel 0.8.5: every voxel
+# equal. The tolerance leaves room for another release's loader or resampler: a voxel may then flip only where two
+# classes' probabilities tie within float rounding after the trilinear resampling back to the native grid, so we ask
+# for >= 99.5% equal voxels and Dice >= 0.98 for every class present.
+MIN_EQUAL_FRACTION = 0.995
+MIN_CLASS_DICE = 0.98
+
+
+def log(msg):
+    print(f"[test-monailabel {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- the bundle and its weights
+def bundle_key() -> str:
+    """Hash of the bundle's configs and scripts: cached short-run weights are reused only for the same code."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(BUNDLE, "configs", "*")) + glob.glob(os.path.join(BUNDLE, "scripts", "*.py"))):
+        h.update(os.path.relpath(path, BUNDLE).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def monai_bundle(*args, cwd, pythonpath=None, timeout=1800):
+    """`python -m monai.bundle <args>`; fails the test with the output's tail if it fails."""
+    env = {**os.environ}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    log("python -m monai.bundle " + " ".join(args))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    log(f"  done in {time.time() - t0:.0f} s")
+    return r.stdout + r.stderr
+
+
+def short_run(work: str):
+    """Synthetic data (6 patients), pre-training (global then local, 4 steps each) and fine-tuning (2 x 20 steps)
+    with the default network at the default image_size 64: weights that give a non-trivial label map, in minutes."""
+    cfg = os.path.join(BUNDLE, "configs")
+    both = lambda *names: str([os.path.join(cfg, n) for n in names])  # noqa: E731
+    paths = ["--dataset_dir", f"{work}/data", "--model_dir", f"{work}/models", "--output_dir", f"{work}/eval",
+             "--num_workers", "0", "--cache_workers", "0"]
+    monai_bundle("run", "prepare_synthetic", "--config_file", both("train.yaml", "prepare.yaml"), *paths,
+                 "--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
+                 "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]", cwd=work)
+    monai_bundle("run", "pretrain", "--config_file", both("train.yaml", "pretrain.yaml"), *paths,
+                 "--global#iterations", "4", "--local#iterations", "4", "--pretrain_epoch_length", "2",
+                 "--global#volumes_per_batch", "2", "--local#volumes_per_batch", "2", cwd=work)
+    monai_bundle("run", "--config_file", both("train.yaml"), *paths, "--max_epochs", "2",
+                 "--iterations_per_epoch", "20", "--batch_size", "10", cwd=work)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """(folder, datalist): synthetic volumes and short-run weights (models/), cached by bundle_key()."""
+    work = os.path.join(CACHE, bundle_key())
+    done = os.path.join(work, "DONE")
+    if os.path.exists(done):
+        log(f"short-run weights and synthetic data from the cache: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        log(f"short run on the synthetic data (cached in {work})")
+        short_run(work)
+        open(done, "w").close()
+    with open(os.path.join(work, "data", "datalist.json")) as f:
+        datalist = json.load(f)
+    return work, datalist
+
+
+def bundle_archive():
+    zips = [os.environ["MONAILABEL_BUNDLE_ZIP"]] if os.environ.get("MONAILABEL_BUNDLE_ZIP") else sorted(
+        glob.glob(os.path.join(ROOT, "dist", "*.zip")), key=os.path.getmtime)
+    return zips[-1] if zips else None
+
+
+def lay_out_bundle(target: str, synthetic_work: str):
+    """The bundle at <app>/model/<MODEL_NAME>: from `make bundle`'s archive if there is one, else bundle/ (code,
+    configs, docs) + the short run's models/ (model.pt, and pretrained_local.pt, which train.yaml initialises from)."""
+    archive = bundle_archive()
+    if archive:
+        log(f"bundle from the archive {archive}")
+        unpacked = target + ".unzip"
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(unpacked)
+        tops = [d for d in glob.glob(os.path.join(unpacked, "*", "configs", "metadata.json"))]
+        src = os.path.dirname(os.path.dirname(tops[0])) if tops else unpacked
+        shutil.move(src, target)
+        shutil.rmtree(unpacked, ignore_errors=True)
+        assert os.path.isfile(os.path.join(target, "models", "model.pt")), f"{archive} holds no models/model.pt"
+        if not os.path.isfile(os.path.join(target, "models", "pretrained_local.pt")):
+            log(f"  WARNING: {archive} holds no models/pretrained_local.pt: train.yaml (use_pretrained: true) "
+                "initialises from it, so /train will fail")
+    else:
+        log(f"bundle from {BUNDLE} with the short run's weights")
+        shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns("data", "eval", "runs", "models", "__pycache__"))
+        shutil.copytree(os.path.join(synthetic_work, "models"), os.path.join(target, "models"))
+    log(f"  {target}: " + ", ".join(sorted(os.listdir(target))) + "; models: "
+        + ", ".join(sorted(os.listdir(os.path.join(target, "models")))))
+
+
+def sample_app() -> str:
+    """The `monaibundle` sample app inside the installed monailabel package (data files under sys.prefix)."""
+    app = os.path.join(sys.prefix, "monailabel", "sample-apps", "monaibundle")
+    if not os.path.isfile(os.path.join(app, "main.py")):
+        raise FileNotFoundError(f"no monaibundle sample app at {app}")
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the server
+class Server:
+    def __init__(self, root: str, synthetic_work: str, datalist: dict):
+        self.root = root
+        self.data_dir = os.path.join(synthetic_work, "data")  # relative paths in the datalist are relative to it
+        self.app = os.path.join(root, "app")
+        shutil.copytree(sample_app(), self.app, ignore=shutil.ignore_patterns("__pycache__"))
+        self.bundle = os.path.join(self.app, "model", MODEL_NAME)
+        lay_out_bundle(self.bundle, synthetic_work)
+        self.studies = os.path.join(root, "studies")
+        self.labelled, self.unlabelled = self._studies(datalist)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = os.path.join(root, "server.log")
+        self.proc = None
+
+    def _studies(self, datalist):
+        """3 labelled studies (the 2-volume training subset + the validation volume: labels in labels/final/, what
+        /train trains on) and 1 unlabelled one (the test volume: what /infer segments)."""
+        os.makedirs(os.path.join(self.studies, "labels", "final"))
+        labelled = datalist["labelled_2_0"] + datalist["validation"]
+        unlabelled = datalist["test"][:1]
+        ids = []
+        for item in labelled + unlabelled:
+            image = os.path.join(self.data_dir, item["image"])  # an absolute path stays as it is
+            image_id = os.path.basename(image).replace(".nii.gz", "")
+            shutil.copy(image, os.path.join(self.studies, image_id + ".nii.gz"))
+            if item in labelled:
+                shutil.copy(os.path.join(self.data_dir, item["label"]), os.path.join(self.studies, "labels", "final", image_id + ".nii.gz"))
+            ids.append(image_id)
+        log(f"studies folder {self.studies}: labelled {ids[:len(labelled)]}, unlabelled {ids[len(labelled):]}")
+        return ids[:len(labelled)], ids[len(labelled):]
+
+    def start(self):
+        cmd = [os.path.join(os.path.dirname(sys.executable), "monailabel"), "start_server", "--app", self.app,
+               "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port),
+               "--conf", "models", MODEL_NAME,
+               "--conf", "zoo_source", "local",  # not the default "monaihosting": no look-up on the network
+               "--conf", "sam2", "false",        # the app's SAM2 tasks would download weights
+               "--conf", "preload", "false"]
+        # bin/monailabel is a shell script that runs `python -m monailabel.main` with the first python on PATH
+        bindir = os.path.dirname(sys.executable)
+        env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PATH": bindir + os.pathsep + os.environ["PATH"],
+               "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1", "BUNDLE_DOWNLOAD_SRC": "local"}
+        log("starting: " + " ".join(cmd))
+        self.t0 = time.time()
+        self._out = open(self.log_file, "w")
+        # its own process group (session): the server, its training subprocess and their data loader workers are all
+        # killed together in stop()
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.time() + START_TIMEOUT
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}; see {self.log_file}"
+            try:
+                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                    log(f"server up at {self.url} after {time.time() - self.t0:.0f} s")
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"no answer from {self.url}/info/ within {START_TIMEOUT} s")
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self._out.write(line)
+            self._out.flush()
+            print("[server] " + line.rstrip(), flush=True)
+
+    def log_text(self) -> str:
+        with open(self.log_file) as f:
+            return f.read()
+
+    def group_left(self) -> list[int]:
+        """Processes still in the server's process group."""
+        left = []
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                left.append(int(stat.split("/")[2]))
+        return left
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            log(f"stopping the server (process group {self.proc.pid})")
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        try:  # anything left in the group (a training subprocess, loader workers) goes too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(1)
+        left = self.group_left()
+        log(f"server stopped (exit code {self.proc.returncode}); processes left in its group: {left or 'none'}")
+        assert not left, f"processes outlived the server: {left}"
+
+    # ---------------------------------------------------------------- REST
+    def call(self, method, path, **kwargs):
+        kwargs.setdefault("timeout", 600)
+        t0 = time.time()
+        r = requests.request(method, self.url + path, **kwargs)
+        body = r.text[:300] if "json" in r.headers.get("content-type", "") or r.status_code >= 400 else \
+            f"<{r.headers.get('content-type')} {len(r.content)} bytes>"
+        log(f"{method} {path} -> HTTP {r.status_code} in {time.time() - t0:.1f} s: {body}")
+        return r
+
+    def infer(self, image_id, dest):
+        r = self.call("POST", f"/infer/{MODEL_NAME}?image={image_id}&output=image")
+        assert r.status_code == 200, r.text
+        with open(dest, "wb") as f:
+            f.write(r.content)
+        return dest
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, synthetic):
+    work, datalist = synthetic
+    root = str(tmp_path_factory.mktemp("monailabel"))
+    srv = Server(root, work, datalist)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------- our own inference.yaml, and the comparison
+def our_inference(srv, image_id, out_dir):
+    """Our inference.yaml on the study volume, with the weights the server has now (the laid-out bundle's)."""
+    cfg = os.path.join(srv.bundle, "configs", "inference.yaml")
+    monai_bundle("run", "--config_file", cfg, "--input_glob", os.path.join(srv.studies, image_id + ".nii.gz"),
+                 "--checkpoint", os.path.join(srv.bundle, "models", "model.pt"), "--output_dir", out_dir,
+                 cwd=srv.root, pythonpath=srv.bundle)
+    return os.path.join(out_dir, image_id + "_seg.nii.gz")
+
+
+def label_names():
+    with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
+        channels = json.load(f)["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return {int(k): v for k, v in channels.items()}
+
+
+def agreement(a, b, classes):
+    a, b = np.asarray(a).astype(int), np.asarray(b).astype(int)
+    equal = float((a == b).mean())
+    dice = {}
+    for c in classes:
+        sa, sb = a == c, b == c
+        if sa.sum() + sb.sum():
+            dice[c] = float(2 * (sa & sb).sum() / (sa.sum() + sb.sum()))
+    return equal, dice
+
+
+def check_label_volume(path, image_path):
+    """The server's label map: the input's shape and affine, values only in our label set."""
+    seg, img = nib.load(path), nib.load(image_path)
+    data = np.asarray(seg.dataobj)
+    log(f"  label volume {os.path.basename(path)}: shape {data.shape} dtype {data.dtype}, values "
+        f"{dict(zip(*[v.tolist() for v in np.unique(data, return_counts=True)]))}; input shape {img.shape}")
+    assert data.shape == img.shape
+    np.testing.assert_allclose(seg.affine, img.affine, atol=1e-4)
+    assert set(np.unique(data).astype(int).tolist()) <= set(label_names())
+    return data
+
+
+def compare_with_ours(srv, server_seg, tag, tmp):
+    ours_path = our_inference(srv, srv.unlabelled[0], os.path.join(tmp, f"ours_{tag}"))
+    ours = np.asarray(nib.load(ours_path).dataobj)
+    equal, dice = agreement(server_seg, ours, sorted(label_names()))
+    names = label_names()
+    log(f"PARITY ({tag}) server /infer vs our inference.yaml on {srv.unlabelled[0]}: {equal:.6f} of "
+        f"{ours.size} voxels equal; Dice per class: " + ", ".join(f"{names[c]} {d:.4f}" for c, d in dice.items()))
+    assert equal >= MIN_EQUAL_FRACTION
+    assert all(d >= MIN_CLASS_DICE for d in dice.values()), dice
+    return ours
+
+
+# ---------------------------------------------------------------- the checks, in order on one server
+def test_info_lists_our_model(server):
+    r = server.call("GET", "/info/")
+    assert r.status_code == 200
+    info = r.json()
+    model = info["models"][MODEL_NAME]
+    log(f"  /info/ models: {list(info['models'])}; ours: type {model.get('type')}, labels {model.get('labels')}, "
+        f"dimension {model.get('dimension')}; trainers: {list(info.get('trainers', {}))}")
+    assert model["type"] == "segmentation"
+    expected = {v.lower(): k for k, v in label_names().items() if v.lower() != "background"}
+    assert model["labels"] == expected
+    assert MODEL_NAME in info.get("trainers", {}), "the server found no train.yaml for our bundle"
+
+
+def test_infer_matches_our_inference(server, tmp_path):
+    image_id = server.unlabelled[0]
+    seg_path = server.infer(image_id, str(tmp_path / f"{image_id}_server.nii.gz"))
+    seg = check_label_volume(seg_path, os.path.join(server.studies, image_id + ".nii.gz"))
+    assert len(np.unique(seg)) > 1, "the short-run model labels nothing: parity would be trivial"
+    compare_with_ours(server, seg, "before /train", str(tmp_path))
+    server.before_train = seg
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server, tmp_path):
+    r = server.call("POST", f"/infer/{MODEL_NAME}?image=no_such_image&output=image")
+    assert r.status_code >= 400
+    r = server.call("POST", f"/infer/{MODEL_NAME}?output=image",
+                    files={"file": ("notes.txt", io.BytesIO(b"this is not a NIfTI volume\n" * 20), "text/plain")})
+    assert r.status_code >= 400
+    r = server.call("POST", f"/infer/no_such_model?image={server.unlabelled[0]}&output=image")
+    assert r.status_code >= 400
+    assert server.proc.poll() is None
+    assert server.call("GET", "/info/").status_code == 200
+    seg = server.infer(server.unlabelled[0], str(tmp_path / "again.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(nib.load(seg).dataobj), server.before_train)
+
+
+def test_train_through_the_server_writes_the_model_the_next_infer_uses(server, tmp_path):
+    model_pt = os.path.join(server.bundle, "models", "model.pt")
+    before = os.stat(model_pt).st_mtime_ns
+    params = {"device": "cpu", "max_epochs": 1, "val_split": 0.34, "multi_gpu": False, "pretrained": True,
+              "tracking": "None", "model_filename": "model.pt"}
+    r = server.call("POST", f"/train/{MODEL_NAME}", json=params)
+    assert r.status_code == 200, r.text
+    deadline, status = time.time() + TRAIN_TIMEOUT, None
+    while time.time() < deadline:
+        time.sleep(5)
+        status = requests.get(server.url + "/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+    log(f"GET /train/ -> status {status.get('status')}, started {status.get('start_ts')}, ended {status.get('end_ts')}")
+    assert status.get("status") == "DONE", json.dumps(status, indent=1)[-3000:]
+    # the training subprocess ran our train.yaml: pre-trained initialisation, MONAI Label's loader of the served
+    # model.pt, our progress bar and our validation metric
+    text = server.log_text()
+    for evidence in ("Initialised", "pretrained_local.pt", "Restored all variables from " + model_pt, "fine-tune:",
+                     "val_mean_dice", "Total Records for Training: 2", "Total Records for Validation: 1"):
+        assert evidence in text, f"not in the server's log: {evidence!r}"
+    best = [line for line in text.splitlines() if "Key metric: val_mean_dice best value" in line]
+    log("  training log: " + (best[-1].split("INFO - ")[-1] if best else "no best metric line"))
+    after = os.stat(model_pt).st_mtime_ns
+    log(f"  models/model.pt rewritten: {after != before} (mtime {before} -> {after})")
+    assert after != before
+    seg_path = server.infer(server.unlabelled[0], str(tmp_path / "after_train.nii.gz"))
+    seg = check_label_volume(seg_path, os.path.join(server.studies, server.unlabelled[0] + ".nii.gz"))
+    changed = float((seg != server.before_train).mean())
+    log(f"  /infer after /train: {changed:.4f} of the voxels changed label")
+    assert changed > 0, "the /infer after training gives the old prediction: the new model.pt was not used"
+    compare_with_ours(server, seg, "after /train", str(tmp_path))
