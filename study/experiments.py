@@ -825,7 +825,7 @@ def example_rows(plan: dict, records: list[dict], exp: str) -> list[dict]:
     parser.read_config(os.path.join(CONFIGS, "train.yaml"))
     protocol = plan["protocol"]
     parser.update({"dataset_dir": plan["dataset"]["dataset_dir"], **protocol["common"], **protocol["evaluate"],
-                   "device": "$torch.device('cpu')"})
+                   "device": "$torch.device('cpu')", "use_pretrained": False})   # the data's contract alone
     preprocessing = parser.get_parsed_content("train#preprocessing")
     with open(os.path.join(plan["dataset"]["dataset_dir"], "datalist.json")) as f:
         datalist = json.load(f)
