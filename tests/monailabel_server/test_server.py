@@ -32,13 +32,14 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
-requests = pytest.importorskip("requests")
-monailabel = pytest.importorskip("monailabel")
+import monailabel  # noqa: F401  (only in .venv-monailabel: `make test-monailabel`; missing there is a failure)
+import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUNDLE = os.path.join(ROOT, "bundle")
-MODEL_NAME = "contrastive_cardiac_segmentation"  # the bundle's folder name = the model name the server reports
+MODEL_NAME = "cardiac_mri_contrastive_segmentation"  # the bundle's folder name = the model name the server reports
 CACHE = os.environ.get("MONAILABEL_TEST_CACHE", os.path.join(ROOT, ".venv-monailabel", "test-cache"))
 START_TIMEOUT = 600  # seconds for the server to answer GET /info/ (imports torch, MONAI, builds the app)
 TRAIN_TIMEOUT = 900  # seconds for the training task started through /train
@@ -135,7 +136,8 @@ def lay_out_bundle(target: str, synthetic_work: str):
         src = os.path.dirname(os.path.dirname(tops[0])) if tops else unpacked
         shutil.move(src, target)
         shutil.rmtree(unpacked, ignore_errors=True)
-        assert os.path.isfile(os.path.join(target, "models", "model.pt")), f"{archive} holds no models/model.pt"
+        fetch_weights_beside(archive, target)
+        assert os.path.isfile(os.path.join(target, "models", "model.pt")), f"{archive} lists no models/model.pt"
         if not os.path.isfile(os.path.join(target, "models", "pretrained_local.pt")):
             log(f"  WARNING: {archive} holds no models/pretrained_local.pt: train.yaml (use_pretrained: true) "
                 "initialises from it, so /train will fail")
@@ -145,6 +147,23 @@ def lay_out_bundle(target: str, synthetic_work: str):
         shutil.copytree(os.path.join(synthetic_work, "models"), os.path.join(target, "models"))
     log(f"  {target}: " + ", ".join(sorted(os.listdir(target))) + "; models: "
         + ", ".join(sorted(os.listdir(os.path.join(target, "models")))))
+
+
+def fetch_weights_beside(archive: str, bundle: str) -> None:
+    """The weights of a `make bundle` release lie beside its archive (dist/), listed with their sha256 in the bundle's
+    large_files.yml: copy each into <bundle>/<path> and check its hash, as `download_large_files` does after a
+    download (offline here: the URLs of a local pack are a placeholder)."""
+    with open(os.path.join(bundle, "large_files.yml")) as f:
+        entries = yaml.safe_load(f)["large_files"]
+    for entry in entries:
+        source = os.path.join(os.path.dirname(archive), os.path.basename(entry["path"]))
+        target = os.path.join(bundle, entry["path"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(source, target)
+        with open(target, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        assert digest == entry["hash_val"], f"{source}: sha256 {digest} is not large_files.yml's {entry['hash_val']}"
+        log(f"  {entry['path']} from {source}: sha256 checked")
 
 
 def sample_app() -> str:
