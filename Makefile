@@ -69,11 +69,11 @@ DATA_LICENCE ?=
 PACK_ARGS = $(if $(strip $(RELEASE_URL)),--url "$(RELEASE_URL)") $(if $(strip $(DATASET)),--dataset "$(DATASET)") \
             $(if $(strip $(DATA_LICENCE)),--data_licence "$(DATA_LICENCE)")
 bundle: venv
-	$(PY) -m study.release pack $(strip $(PACK_ARGS))
+	PYTHONPATH=bundle $(PY) -m study.release pack $(strip $(PACK_ARGS))
 
 # a new version in metadata.json with its changelog entry: make version VERSION=0.2.0 CHANGE="what changed"
 version: venv
-	$(PY) -m study.release version "$(VERSION)" "$(CHANGE)"
+	PYTHONPATH=bundle $(PY) -m study.release version "$(VERSION)" "$(CHANGE)"
 
 # speed and peak memory of the contrastive losses, and their share of a pre-training step (add ARGS=--paper for 192x192)
 bench: venv

@@ -4,8 +4,8 @@ hash-checks them with.
 
 Repository tooling, not shipped in the archive. From the repository root::
 
-    python -m study.release version 0.2.0 "what changed"      # metadata.json: version + changelog entry (make version)
-    python -m study.release pack --url https://host/releases/v0.2.0   # dist/<name>_v<version>.zip etc. (make bundle)
+    PYTHONPATH=bundle python -m study.release version 0.2.0 "what changed"   # metadata.json: version + changelog entry (make version)
+    PYTHONPATH=bundle python -m study.release pack --url https://host/releases/v0.2.0   # dist/<name>_v<version>.zip etc. (make bundle)
 
 ``pack`` writes into ``dist/``:
 
