@@ -13,9 +13,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts import datasets
 from scripts.data import CachedVolumes, datalist_info, label_names, load_datalist
-from scripts.datasets import acdc, check_case, decathlon, fill_cache, folder, mmwhs, prepare, validate
+from scripts.contract import make_contract
+from scripts.datasets import ACDC_LABELS, acdc, check_case, decathlon, fill_cache, folder, mmwhs, prepare, validate
+from scripts.transforms import preprocessing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
@@ -350,17 +351,18 @@ def test_cache_is_reused_and_invalidated_by_settings_or_file_changes(tmp_path):
     datalist = {"pretrain": [{"image": c["image"], "patient": c["patient"]} for c in raw.cases[:3]],
                 "labelled_all": raw.cases[:3], "validation": raw.cases[3:4]}
     cache = str(tmp_path / "cache")
-    assert fill_cache(datalist, cache, SETTINGS) == {"computed": 7, "reused": 0}
+    contract = make_contract(class_names=ACDC_LABELS, **SETTINGS)
+    assert fill_cache(datalist, cache, contract) == {"computed": 7, "reused": 0}
     files = {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)}
     assert len(files) == 7
-    assert fill_cache(datalist, cache, SETTINGS) == {"computed": 0, "reused": 7}  # second run: no recomputation
+    assert fill_cache(datalist, cache, contract) == {"computed": 0, "reused": 7}  # second run: no recomputation
     assert {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)} == files
-    assert fill_cache(datalist, cache, {**SETTINGS, "image_size": 24}) == {"computed": 7, "reused": 0}  # settings
-    assert fill_cache(datalist, cache, {**SETTINGS, "placeholder_spacing": None})["computed"] == 7
+    assert fill_cache(datalist, cache, {**contract, "image_size": 24}) == {"computed": 7, "reused": 0}  # settings
+    assert fill_cache(datalist, cache, {**contract, "placeholder_spacing": None})["computed"] == 7
     os.utime(raw.cases[0]["image"], ns=(1, 1))  # a replaced raw file: its two entries are recomputed
-    assert fill_cache(datalist, cache, SETTINGS) == {"computed": 2, "reused": 5}
+    assert fill_cache(datalist, cache, contract) == {"computed": 2, "reused": 5}
     # what a cached item holds: plain tensors, slice axis last
-    item = CachedVolumes(datalist["labelled_all"], datasets.build_preprocessing(**SETTINGS), cache)[1]
+    item = CachedVolumes(datalist["labelled_all"], preprocessing(**SETTINGS), cache)[1]
     assert type(item["image"]) is torch.Tensor and item["image"].shape == (1, 16, 16, 6)
 
 
@@ -415,7 +417,7 @@ def test_shared_acdc_copy():
     assert len(acdc(SHARED_ACDC, phases="both").cases) == 160
     case = raw.cases[0]
     assert check_case(case, label_values=range(4)) == []
-    out = datasets.build_preprocessing(image_size=64, spacing=3.0, placeholder_spacing=1.5)(case)
+    out = preprocessing(image_size=64, spacing=3.0, placeholder_spacing=1.5)(case)
     native = nib.load(case["image"]).shape
     assert out["image"].shape == (1, 64, 64, native[2]) and set(torch.unique(out["label"]).tolist()) <= {0, 1, 2, 3}
     np.testing.assert_allclose(np.diag(out["image"].affine)[:3], [3.0, 3.0, 1.0])  # identity affine: the fallback

@@ -31,10 +31,10 @@ from multiprocessing.pool import ThreadPool
 
 import numpy as np
 
-from scripts.contract import make_contract
+from scripts.contract import build_preprocessing, make_contract
 from scripts.errors import BundleError
 from scripts.data import CachedVolumes, split_patients, write_datalist
-from scripts.transforms import choose_slice_axis, preprocessing as build_preprocessing
+from scripts.transforms import choose_slice_axis
 
 logger = logging.getLogger(__name__)
 
@@ -602,23 +602,15 @@ def validate(
 
 
 # ---------------------------------------------------------------- cache and datalist
-def fill_cache(
-    datalist: dict,
-    cache_dir: str,
-    settings: Mapping | None = None,
-    channel: int | None = None,
-    label_values: Sequence[int] | None = None,
-    num_workers: int = 0,
-) -> dict[str, int]:
+def fill_cache(datalist: dict, cache_dir: str, contract: Mapping, num_workers: int = 0) -> dict[str, int]:
     """Pre-process the volumes of ``datalist`` into the disk cache the workflows read: the "pretrain" images with the
     image-only pre-processing (pretrain.yaml), the "labelled_all" and "validation" pairs with the image + label one
-    (train.yaml). ``settings``: keyword arguments of ``scripts.transforms.preprocessing`` (image_size, spacing,
-    slice_axis, placeholder_spacing). Returns {"computed": n, "reused": m}."""
+    (train.yaml), both built from the data ``contract`` as the workflows build them (so the cache keys are theirs).
+    Returns {"computed": n, "reused": m}."""
     if not cache_dir:
         raise ValueError("fill_cache needs a cache_dir.")
-    settings = dict(settings or {})
-    image_only = build_preprocessing(keys=("image",), channel=channel, **settings)
-    paired = build_preprocessing(keys=("image", "label"), channel=channel, label_values=label_values, **settings)
+    image_only = build_preprocessing(contract, keys=("image",))
+    paired = build_preprocessing(contract, keys=("image", "label"))
     jobs = [CachedVolumes(datalist.get("pretrain", []), image_only, cache_dir)]
     jobs.append(CachedVolumes(datalist.get("labelled_all", []) + datalist.get("validation", []), paired, cache_dir))
     work = [(dataset, i) for dataset in jobs for i in range(len(dataset))]
@@ -675,7 +667,7 @@ def prepare(
     checked = time.perf_counter()
     stats = None
     if cache_dir:
-        stats = fill_cache(datalist, cache_dir, settings, source.channel, source.label_values, cache_workers)
+        stats = fill_cache(datalist, cache_dir, datalist["contract"], cache_workers)
     path = write_datalist(os.path.join(dataset_dir, "datalist.json"), datalist)
     lists = {k: len(v) for k, v in datalist.items() if isinstance(v, list)}
     logger.info(
