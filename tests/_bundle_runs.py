@@ -1,5 +1,5 @@
-"""Helpers of the workflow-level tests of checkpoints, resume and multi-process runs: a small prepared dataset, the
-bundle's commands as subprocesses (also under torchrun), tiny-network arguments."""
+"""Helpers of the workflow-level tests (checkpoints, resume, multi-process runs, the data contract): a small prepared
+dataset, the bundle's commands as subprocesses (also under torchrun), tiny-network arguments."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def config(*names) -> str:
     return str([str(n) if os.path.isabs(str(n)) else str(CONFIGS / n) for n in names])
 
 
-def run(cwd, *args, torchrun: int = 0, expect: int | None = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle <args>`` in ``cwd`` (under ``torch.distributed.run`` with ``torchrun`` processes);
-    asserts the return code when ``expect`` is not None."""
+def run(cwd, *args, torchrun: int = 0, expect: int | None = 0, timeout: int = 300,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <args>`` in ``cwd`` (under ``torch.distributed.run`` with ``torchrun`` processes),
+    with ``env`` added to the environment; asserts the return code when ``expect`` is not None."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                 "-m", "monai.bundle"] if torchrun else [sys.executable, "-m", "monai.bundle"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
     result = subprocess.run([*launcher, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
                             timeout=timeout)
     if expect is not None:

@@ -8,40 +8,32 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+import _bundle_runs as br
+from _bundle_runs import TINY, config
 from scripts.contract import make_contract, resolve
 from scripts.errors import BundleError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
-TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
-        "--cache_workers", "0"]
 TINY_INFERENCE = ["--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]"]
 LABELS = ["background", "right ventricle", "myocardium", "left ventricle"]
 
 
-def config(*names):
-    return str([os.path.join(CONFIGS, n) for n in names])
-
-
 def run(cwd, *args, env=None):
-    """`python -m monai.bundle run <args>` in ``cwd``: (returncode, stdout, stderr)."""
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True,
-                            text=True, env={**os.environ, **(env or {})})
+    """`python -m monai.bundle run <args>` in ``cwd``: (returncode, stdout, stderr), whatever the return code."""
+    result = br.run(cwd, "run", *args, expect=None, env=env)
     return result.returncode, result.stdout, result.stderr
 
 
 def ok(cwd, *args):
-    code, out, err = run(cwd, *args)
-    assert code == 0, f"{args} failed:\n{out[-2000:]}\n{err[-4000:]}"
-    return out + err
+    result = br.run(cwd, "run", *args)
+    return result.stdout + result.stderr
 
 
 def last_line(text):
@@ -225,7 +217,8 @@ def test_overrides_must_agree_with_the_contract(tmp_path):
     model = _checkpoint(tmp_path / "m.pt", contract)
     assert resolve(model=model, overrides={"image_size": "32", "spacing": 6, "slice_axis": "2", "num_classes": 4,
                                            "channel": None}) == contract
-    with pytest.raises(BundleError, match=r"--num_classes 3 contradicts num_classes = 4 in the data contract of .*m.pt"):
+    refused = r"--num_classes 3 contradicts num_classes = 4 in the data contract of .*m.pt"
+    with pytest.raises(BundleError, match=refused):
         resolve(model=model, overrides={"num_classes": 3})
     with pytest.raises(BundleError, match="'colour' is not a data contract entry"):
         resolve(model=model, overrides={"colour": 1})
