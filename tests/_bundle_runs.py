@@ -30,7 +30,9 @@ def run(cwd, *args, torchrun: int = 0, expect: int | None = 0, timeout: int = 30
     with ``env`` added to the environment; asserts the return code when ``expect`` is not None."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                 "-m", "monai.bundle"] if torchrun else [sys.executable, "-m", "monai.bundle"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
+    # one thread whatever the caller's environment: the resume tests compare runs bit for bit, and their numbers
+    # (e.g. which epoch validates best) must not depend on how many threads the machine's test run was given
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run([*launcher, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
                             timeout=timeout)
     if expect is not None:
