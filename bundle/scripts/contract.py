@@ -123,23 +123,19 @@ def resolve(
 
     Raises ``BundleError`` naming both values and their files on any disagreement.
     """
-    found = {}
-    if data and os.path.isfile(data):
-        found["data"] = (read_contract(data, "datalist"), data)
-    if model:
-        contract = read_contract(model, "checkpoint")
-        if contract is None:
-            logger.warning(f"{model} carries no data contract (written by an older version): its pre-processing "
-                           "cannot be checked.")
-        found["model"] = (contract, model)
-    (d, d_src), (m, m_src) = found.get("data", (None, None)), found.get("model", (None, None))
-    if d is not None and m is not None and differences(d, m):
-        text = _describe(differences(d, m), d_src, m_src)
+    d = read_contract(data, "datalist") if data and os.path.isfile(data) else None
+    m = read_contract(model, "checkpoint") if model else None
+    if model and m is None:
+        logger.warning(f"{model} carries no data contract (written by an older version): its pre-processing "
+                       "cannot be checked.")
+    disagreement = differences(d, m) if d is not None and m is not None else []
+    if disagreement:
+        text = _describe(disagreement, data, model)
         if not transfer:
             raise BundleError(f"the data and the checkpoint disagree: {text}. Prepare the data with the checkpoint's "
                               "settings, or pass --transfer True to fine-tune on this data on purpose.")
         logger.warning(f"transfer: the fine-tuning data's contract replaces the checkpoint's: {text}.")
-    contract, source = (d, d_src) if d is not None else (m, m_src)
+    contract, source = (d, data) if d is not None else (m, model)
     if contract is None and fallback:
         contract, source = read_contract(fallback, "metadata"), fallback
     if contract is None:
@@ -189,9 +185,10 @@ def check_checkpoint(state: Mapping, path: str, contract: Mapping) -> None:
     """Refuse the checkpoint ``state`` (loaded from ``path``) when its contract's pre-processing differs from
     ``contract`` (e.g. the global stage's output reused by the local stage with other settings)."""
     own = state.get(CONTRACT_ENTRY["checkpoint"])
-    if own is not None and differences(_check(own, path), contract, PREPROCESSING_KEYS):
+    found = [] if own is None else differences(_check(own, path), contract, PREPROCESSING_KEYS)
+    if found:
         raise BundleError(f"checkpoint {path} was trained with other pre-processing: "
-                          f"{_describe(differences(own, contract, PREPROCESSING_KEYS), path, 'the data contract')}.")
+                          f"{_describe(found, path, 'the data contract')}.")
 
 
 class ContractRecord:
