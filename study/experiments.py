@@ -787,6 +787,10 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
         if record["kind"] in ("global", "local"):
             panel = "global stage" if record["kind"] == "global" else "local stage (encoder frozen)"
             curves.setdefault(panel, []).append((record["id"], os.path.join(exp, record["log_dir"]), record["tag"]))
+            stop = os.path.join(exp, os.path.dirname(record["log_dir"]), f"pretrain_{record['kind']}_stop.json")
+            if os.path.isfile(stop):  # the stopping rule's report (scripts.engines.PlateauStop): why the stage ended
+                with open(stop) as f:
+                    record["stop"] = json.load(f)
     losses = tables.loss_summary(curves)
     text = tables.study_markdown(records, stages, order, losses=losses, title=plan.get("description") or plan["name"],
                                  protocol=plan["protocol"])

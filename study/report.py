@@ -217,11 +217,13 @@ def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: 
         out += ["", "## The paper's claims, checked", ""] + [f"- {c}" for c in claims]
     pretrainings = [s for s in stages if s.get("kind") in ("global", "local")]
     if pretrainings:
-        out += ["", "## Pre-training", "", "| stage | iterations | loss, first 5% | loss, last 5% | wall time |",
-                "|---|---|---|---|---|"]
+        out += ["", "## Pre-training", "",
+                "| stage | iterations | loss, first 5% | loss, last 5% | stopped by | wall time |",
+                "|---|---|---|---|---|---|"]
         for s in pretrainings:
             loss = (losses or {}).get(s["id"])
             cells = [str(loss["iterations"]), f"{loss['first']:.3f}", f"{loss['last']:.3f}"] if loss else ["–"] * 3
+            cells.append(s["stop"]["reason"] if s.get("stop") else "–")  # plateau | budget (the stopping rule's report)
             out.append(f"| {s['id']} | " + " | ".join(cells) + f" | {_minutes(sum(s['wall_time_s'].values()))} |")
     times: dict[str, list[float]] = {}
     for record in [*stages, *records]:

@@ -62,10 +62,13 @@ def test_plateau_stop_stops_once_the_running_loss_stops_falling(tmp_path):
 
 
 def test_plateau_stop_waits_for_min_iterations_and_reports_the_budget(tmp_path):
-    flat = [3.2] * 100  # the chance level from the start: no fall at all
+    flat = [3.2] * 100  # the chance level from the start: no fall, so no plateau
     report = tmp_path / "stop.json"
-    engine = _run_with_losses(flat, PlateauStop("global", min_iterations=60, patience=20, report=str(report)))
-    assert engine.state.iteration == 60  # not before min_iterations
+    engine = _run_with_losses(flat, PlateauStop("global", min_iterations=0, patience=20, report=str(report)))
+    assert engine.state.iteration == 100 and json.loads(report.read_text())["reason"] == "budget"
+    fall_then_flat = [3.2] * 10 + [2.0] * 90
+    engine = _run_with_losses(fall_then_flat, PlateauStop("global", min_iterations=60, patience=20))
+    assert engine.state.iteration == 60  # a plateau from iteration 20 on, but not before min_iterations
     falling = [3.0 - 0.01 * i for i in range(100)]  # still falling at the end -> the budget, "not converged"
     engine = _run_with_losses(falling, PlateauStop("local", min_iterations=0, patience=20, report=str(report)))
     saved = json.loads(report.read_text())
@@ -80,3 +83,4 @@ def test_plateau_stop_carries_its_history_across_a_resume():
     resumed = PlateauStop("global", patience=30)
     resumed.load_state_dict(stop.state_dict())
     assert resumed.history == stop.history and resumed.best() == (10, 2.0)
+    assert _run_with_losses([2.0] * 30, resumed).state.iteration == 30  # never fell: no plateau

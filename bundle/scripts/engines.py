@@ -115,8 +115,10 @@ class PlateauStop:
 
     The running loss is the mean loss of an epoch (``pretrain_epoch_length`` iterations; under torch.distributed the
     mean over every rank, so all ranks stop together). After each epoch the stage stops when ``enabled``, at least
-    ``min_iterations`` have run, and the best running loss has not fallen by a relative ``min_delta`` for
-    ``patience`` iterations ("plateau"). Otherwise it runs to the trainer's ``max_epochs`` ("budget").
+    ``min_iterations`` have run, the best running loss has not fallen by a relative ``min_delta`` for ``patience``
+    iterations ("plateau"), and it did fall below the first epoch's before: a loss that has not left its starting
+    level (the global loss can sit at its chance level for hundreds of iterations before it falls) is no plateau.
+    Otherwise it runs to the trainer's ``max_epochs`` ("budget").
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
     {"stage", "reason": "plateau" | "budget", "iteration", "loss" (last running loss), "best_loss",
@@ -174,7 +176,9 @@ class PlateauStop:
         iteration = engine.state.iteration
         self.history.append([iteration, self._running_loss()])
         best_iteration, _ = self.best()
-        if self.enabled and iteration >= self.min_iterations and iteration - best_iteration >= self.patience:
+        has_fallen = best_iteration > self.history[0][0]
+        waited = iteration - best_iteration >= self.patience
+        if self.enabled and has_fallen and waited and iteration >= self.min_iterations:
             self.reason = "plateau"
             engine.terminate()
 

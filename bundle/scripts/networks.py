@@ -140,10 +140,12 @@ class UNet2D(nn.Module):
 
 
 class GlobalProjectionHead(nn.Module):
-    """g1: (B, C, h, w) bottleneck -> flatten -> FC ``hidden`` [+ BN] + ReLU -> FC ``out_features`` = (B, out_features).
+    """g1: (B, C, h, w) bottleneck -> flatten -> FC ``hidden`` [+ BN] + ReLU -> FC ``out_features`` [+ BN]
+    = (B, out_features).
 
-    ``norm``: "none" (the paper's g1) or "batch" (BatchNorm1d after the hidden layer, as SimCLR's projection head):
-    it centres the hidden features over the batch, so the embeddings of different images differ from the first step.
+    ``norm``: "none" (the paper's g1); "batch" (BatchNorm1d after the hidden layer, as SimCLR's projection head); or
+    "batch_all" (also a BatchNorm1d without affine parameters on the output, as SimCLR v2's head): the embeddings are
+    centred over the batch, so they cannot all point the same way (a collapse the paper's g1 falls into at first).
     ``init``: "he_normal" (the reference: He-normal weights, zero biases) or "torch" (PyTorch's default for
     ``nn.Linear``, uniform with a third of the He variance).
     """
@@ -151,17 +153,16 @@ class GlobalProjectionHead(nn.Module):
     def __init__(self, in_features: int, hidden_features: int = 1024, out_features: int = 128, norm: str = "none",
                  init: str = "he_normal"):
         super().__init__()
-        if norm not in ("none", "batch") or init not in ("he_normal", "torch"):
-            raise ValueError(f"norm must be 'none' or 'batch' and init 'he_normal' or 'torch', got {norm!r}, {init!r}.")
+        if norm not in ("none", "batch", "batch_all") or init not in ("he_normal", "torch"):
+            raise ValueError(f"norm must be 'none', 'batch' or 'batch_all' and init 'he_normal' or 'torch', got "
+                             f"{norm!r}, {init!r}.")
         hidden = [nn.Linear(in_features, hidden_features, bias=norm == "none")]
-        if norm == "batch":
+        if norm != "none":
             hidden.append(nn.BatchNorm1d(hidden_features))
-        self.mlp = nn.Sequential(
-            nn.Flatten(),
-            *hidden,
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_features, out_features),
-        )
+        output = [nn.Linear(hidden_features, out_features, bias=norm != "batch_all")]
+        if norm == "batch_all":
+            output.append(nn.BatchNorm1d(out_features, affine=False))
+        self.mlp = nn.Sequential(nn.Flatten(), *hidden, nn.ReLU(inplace=True), *output)
         if init == "he_normal":
             he_normal_init(self)
 
@@ -193,8 +194,8 @@ class GlobalContrastiveNet(nn.Module):
         unet: the U-Net whose encoder is trained (its decoder is left untouched).
         image_size: side of the square input slices; fixes the flattened bottleneck size.
         hidden_features / out_features: g1 widths (paper: 1024 / 128).
-        head_norm / head_init: g1's normalisation ("none", the paper, or "batch") and initialisation ("he_normal", the
-            reference, or "torch"); see ``GlobalProjectionHead``.
+        head_norm / head_init: g1's normalisation ("none", the paper, "batch" or "batch_all") and initialisation
+            ("he_normal", the reference, or "torch"); see ``GlobalProjectionHead``.
     """
 
     def __init__(self, unet: UNet2D, image_size: int, hidden_features: int = 1024, out_features: int = 128,
