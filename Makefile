@@ -75,7 +75,8 @@ bundle: venv
 version: venv
 	PYTHONPATH=bundle $(PY) -m study.release version "$(VERSION)" "$(CHANGE)"
 
-# speed and peak memory of the contrastive losses, and their share of a pre-training step (add ARGS=--paper for 192x192)
+# speed and peak memory of the contrastive losses, their share of a pre-training step (add ARGS=--paper for 192x192),
+# and each stage's data pipeline against its model step alone (docs/performance.md)
 bench: venv
 	PYTHONPATH=bundle $(PY) -m study.benchmark $(ARGS)
 

@@ -1,7 +1,7 @@
-"""Speed and memory benchmark of the contrastive losses (``make bench`` or ``PYTHONPATH=bundle python -m
-study.benchmark``; repository tooling, not shipped in the bundle).
+"""Speed and memory benchmark of the contrastive losses, and of the data pipeline (``make bench`` or
+``PYTHONPATH=bundle python -m study.benchmark``; repository tooling, not shipped in the bundle; docs/performance.md).
 
-Three measurements, each printed as a plain-text table:
+Four measurements, each printed as a plain-text table:
 
 1. ``global``: :class:`~scripts.losses.GlobalContrastiveLoss` forward + backward for every strategy against the
    batch size N (embeddings N x 128; metadata of a partition-aware batch: M volumes x S partitions x V views,
@@ -16,6 +16,10 @@ Three measurements, each printed as a plain-text table:
    images). The loss alone is forward + backward on inputs of the shape the network produces. The share is
    ``loss time / step time``. ``--paper`` measures at 192 x 192 (the paper's slice size); the default is a reduced
    size (64 x 64) so the whole run stays short on a CPU.
+4. ``pipeline``: for each stage (global, local, fine-tuning), the real workflow's throughput (the bundle's configs:
+   cached data, sampler, data loader, augmentation, step) against the model step alone on a ready batch, in
+   images/s, and their ratio (``study/pipeline_bench.py``; one line ``stage=... pipeline=... model=... ratio=...``
+   per stage).
 
 ``--paper`` also extends the local sweep to N = 48 images (at K = 256 dense regions that is ~0.9 GiB and ~2 s a call
 on 2 CPU cores). Every run reports how much CPU time *other* processes took meanwhile: on a busy machine the
@@ -36,11 +40,12 @@ upwards by such blocks).
 
 Examples::
 
-    PYTHONPATH=bundle python -m study.benchmark                     # all three, reduced sizes (< 3 min, 2 CPUs)
+    PYTHONPATH=bundle python -m study.benchmark                     # all four, reduced sizes (~6 min, 2 CPUs)
     PYTHONPATH=bundle python -m study.benchmark --paper             # + step share at 192 x 192, local N up to 48
     PYTHONPATH=bundle python -m study.benchmark --parts step --paper  # only the step share at 192 x 192
     PYTHONPATH=bundle python -m study.benchmark --parts step --image_size 128 --output runs/bench.json
     PYTHONPATH=bundle python -m study.benchmark --device cuda --global_batch_sizes "[32,64,128,256,512]"
+    PYTHONPATH=bundle python -m study.benchmark --parts pipeline --pipeline_overrides "{'num_workers': 0}"
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ __all__ = [
     "main",
 ]
 
-PARTS = ("global", "local", "step")
+PARTS = ("global", "local", "step", "pipeline")
 MIB = 2.0**20
 MEMORY_NOTE = (
     "peak MiB = peak tensor memory allocated during one call above what was allocated before it "
@@ -534,6 +539,9 @@ GLOBAL_COLUMNS = [("strategy", "strategy", ""), ("images", "N", "d"), ("volumes"
                   ("peak_mib", "peak MiB", ".3f"), ("reps", "reps", "d")]
 LOCAL_COLUMNS = [("strategy", "strategy", ""), ("mode", "mode", ""), ("regions", "K", "d"), ("images", "N", "d"),
                  ("time_ms", "fwd+bwd ms", ".2f"), ("peak_mib", "peak MiB", ".2f"), ("reps", "reps", "d")]
+PIPELINE_COLUMNS = [("stage", "stage", ""), ("images", "images/step", "d"), ("num_workers", "workers", "d"),
+                    ("iterations", "iterations", "d"), ("pipeline_ips", "pipeline img/s", ".1f"),
+                    ("model_ips", "model img/s", ".1f"), ("ratio", "ratio", ".3f")]
 STEP_COLUMNS = [("stage", "stage", ""), ("strategy", "strategy", ""), ("mode", "mode", ""), ("regions", "K", "d"),
                 ("images", "images", "d"), ("loss_input", "loss input", ""), ("step_ms", "step ms", ".1f"),
                 ("loss_ms", "loss ms", ".2f"), ("share_pct", "loss share %", ".2f"),
@@ -570,7 +578,7 @@ class _OtherCpuLoad:
 
 
 def environment(device: torch.device) -> dict:
-    """Device name, torch version and thread count of this run."""
+    """Device name, torch and monai versions and thread count of this run."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -580,7 +588,9 @@ def environment(device: torch.device) -> dict:
                 name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+    import monai
+
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "monai": monai.__version__,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
@@ -632,6 +642,10 @@ def main(
     repeats: int = 10,
     step_repeats: int = 3,
     max_seconds: float = 2.0,
+    pipeline_stages: Sequence[str] = ("global", "local", "finetune"),
+    pipeline_iterations: int = 120,
+    pipeline_warmup: int = 5,
+    pipeline_overrides: dict | None = None,
     seed: int = 0,
     output: str | None = None,
     quiet: bool = False,
@@ -639,7 +653,7 @@ def main(
     """Run the benchmarks and print their tables (progress goes to stderr).
 
     Args:
-        parts: any of "global", "local", "step" (comma-separated or a list); all by default.
+        parts: any of "global", "local", "step", "pipeline" (comma-separated or a list); all by default.
         device: "auto" (cuda when available), "cpu" or "cuda[:i]".
         threads: torch intra-op threads (default: torch's choice).
         paper: the full settings: the step share at the paper's 192 x 192 slices (sets ``image_size`` to 192
@@ -655,11 +669,17 @@ def main(
         repeats: timed calls per loss configuration (median reported), fewer once ``max_seconds`` passed.
         step_repeats: timed steps per step-share row.
         max_seconds: time budget per loss configuration before repeats are cut (steps: 10 x this).
+        pipeline_stages: stages of the pipeline part ("global", "local", "finetune").
+        pipeline_iterations / pipeline_warmup: timed and untimed iterations of each stage's workflow (and as many
+            model-only steps); the default 120 spans an epoch boundary in every stage.
+        pipeline_overrides: config ids -> values for the pipeline part's workflows, e.g. ``{"num_workers": 0}``
+            (default: the configs' own settings).
         output: also write the results to this .json or .csv file.
         quiet: no progress lines.
 
     Returns:
-        {"environment": ..., "global_loss": rows, "local_loss": rows, "step_share": rows} (parts run only).
+        {"environment": ..., "global_loss": rows, "local_loss": rows, "step_share": rows, "pipeline": rows}
+        (parts run only).
     """
     parts = _as_tuple(parts, str)
     unknown = [p for p in parts if p not in PARTS]
@@ -675,8 +695,8 @@ def main(
         local_batch_sizes = (12, 24, 48) if paper else (12, 24)
     env = environment(device)
     common = {"device": device, "seed": seed, "quiet": quiet}
-    print(f"Contrastive loss benchmark: device {env['device']} ({env['device_name']}), torch {env['torch']}, "
-          f"{env['threads']} threads")
+    print(f"Benchmark ({', '.join(parts)}): device {env['device']} ({env['device_name']}), torch {env['torch']}, "
+          f"monai {env['monai']}, {env['threads']} threads")
     print(_memory_note(device))
     results: dict[str, list[dict]] = {}
     started = time.perf_counter()
@@ -713,6 +733,19 @@ def main(
         verdict = "under" if worst["share_pct"] < 10.0 else "NOT under"
         which = " ".join(str(worst[k]) for k in ("stage", "strategy", "mode", "regions") if worst[k] is not None)
         print(f"Largest loss share: {worst['share_pct']:.2f}% ({which}) -> {verdict} the 10% target.")
+
+    if "pipeline" in parts:
+        from study.pipeline_bench import bench_pipeline, format_line
+
+        rows = bench_pipeline(_as_tuple(pipeline_stages, str), int(pipeline_iterations), int(pipeline_warmup),
+                              pipeline_overrides, quiet=quiet)
+        results["pipeline"] = rows
+        print(f"\nData pipeline: each stage's workflow (bundle configs: loader, augmentation, step) against its model "
+              f"step alone on a ready batch, images/s, {pipeline_iterations} iterations each after "
+              f"{pipeline_warmup}; ratio = pipeline / model (goal >= 0.9)")
+        print(format_table(rows, PIPELINE_COLUMNS))
+        for row in rows:
+            print(format_line(row))
 
     others = other_load.stop()
     env["other_processes_cpu_pct"] = others

@@ -94,7 +94,8 @@ def test_main_prints_tables_and_writes_json_and_csv(tmp_path, capsys):
     kwargs = dict(device="cpu", global_batch_sizes="[8]", local_batch_sizes=[4], grid_regions=[5], dense_regions=[4],
                   feature_size=10, channels=4, global_strategies="random,domain", local_strategies=["random"],
                   local_variants=["random/grid/5"], image_size=32, repeats=1, step_repeats=1, quiet=True)
-    result = benchmark.main(output=str(tmp_path / "bench.json"), **kwargs)
+    # the pipeline part (whole workflows) has its own test: tests/test_benchmark_pipeline.py
+    result = benchmark.main(parts="global,local,step", output=str(tmp_path / "bench.json"), **kwargs)
     out = capsys.readouterr().out
     for title in ("GlobalContrastiveLoss", "LocalContrastiveLoss", "Loss share of a pre-training step", "peak MiB"):
         assert title in out

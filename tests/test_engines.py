@@ -1,4 +1,4 @@
-"""The contrastive prepare_batch and the loss adapter that let SupervisedTrainer run pre-training."""
+"""The prepare_batch functions and the loss adapter that let SupervisedTrainer run fine-tuning and pre-training."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.engines import ContrastiveViews, MetadataLoss, PlateauStop
+from scripts.engines import AugmentedBatch, ContrastiveViews, MetadataLoss, PlateauStop
 from scripts.losses import GlobalContrastiveLoss, LocalContrastiveLoss
 
 
@@ -21,6 +21,19 @@ def test_views_are_independent_augmentations_with_shared_sample_ids():
     assert torch.equal(meta["sample"], torch.tensor([0, 1, 2, 3, 4, 5] * 2))
     assert torch.equal(meta["volume"], torch.tensor([0, 0, 0, 1, 1, 1] * 2))
     assert not torch.allclose(views[:6], views[6:])  # two draws, not one copied
+
+
+def test_augmented_batch_augments_image_and_label_together_on_the_device():
+    seen = []
+
+    def augment(data):
+        seen.append(sorted(data))
+        return {"image": data["image"].flip(-1), "label": data["label"].flip(-1)}
+
+    batch = {"image": torch.rand(3, 1, 8, 8), "label": torch.randint(0, 2, (3, 1, 8, 8)), "volume": torch.zeros(3)}
+    image, label = AugmentedBatch(augment)(batch, "cpu")
+    assert seen == [["image", "label"]]  # only the two keys, in one call
+    assert torch.equal(image, batch["image"].flip(-1)) and torch.equal(label, batch["label"].flip(-1))
 
 
 def test_channels_last_views():

@@ -1,12 +1,12 @@
-"""Pre-processing with known answers, and the pre-training tensor augmentations."""
+"""Pre-processing with known answers, and the tensor augmentations of pre-training and fine-tuning."""
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Invertd
+from monai.transforms import Invertd, Rand2DElastic
 
-from scripts.transforms import RandBrightnessContrast, RandCropResize, RandRotateStepd, preprocessing
+from scripts.transforms import RandBrightnessContrast, RandCropResize, RandSpatialAugmentd, preprocessing
 
 
 def _write(path, array, spacing):
@@ -82,18 +82,53 @@ def test_brightness_contrast_per_slice_and_clipped():
     torch.testing.assert_close(aug(x), again(x))  # seeded like any MONAI Randomizable
 
 
-def test_rotate_step_keeps_labels_and_rotates_by_multiples_of_the_step():
-    image = torch.zeros(1, 16, 16)
-    image[0, 2:6, 7:9] = 1.0  # a bar above the centre
-    label = (image > 0).to(torch.uint8)
-    rot = RandRotateStepd(["image", "label"], step_degrees=90)
-    rot.set_random_state(3)
-    k = np.random.RandomState(3).randint(1, 4)
-    out = rot({"image": image, "label": label})
-    expected = torch.rot90(label, k=k, dims=(1, 2))
-    assert set(torch.unique(out["label"]).tolist()) <= {0, 1}
-    assert torch.equal(torch.as_tensor(out["label"]).to(torch.uint8), expected) or torch.equal(
-        torch.as_tensor(out["label"]).to(torch.uint8), torch.rot90(label, k=-k, dims=(1, 2))
-    )
-    with pytest.raises(ValueError):
-        RandRotateStepd(["image"], step_degrees=50)
+def _monai_elastic(x, mode):
+    """MONAI's Rand2DElastic at zero magnitude with the config's spacing (32 px at 64 px) and zero padding: what the
+    replaced MONAI pipeline's elastic step does to a slice (its bicubic control grid is not exactly the identity)."""
+    elastic = Rand2DElastic(spacing=32, magnitude_range=(0.0, 0.0), prob=1.0, padding_mode="zeros")
+    return torch.as_tensor(elastic(x, mode=mode))
+
+
+def test_spatial_augment_draws_one_of_five_transforms_per_slice_as_the_monai_pipeline_did():
+    # no angle range, no zoom, no elastic offsets: each output must be the MONAI pipeline's result for one of
+    # {none, flip, rotation by 90, 180, 270 degrees}, and every one of them must occur
+    aug = RandSpatialAugmentd(["image", "label"], rotation_range=0.0, zoom_range=(1.0, 1.0), step_degrees=90,
+                              elastic_spacing=32, elastic_magnitude=(0.0, 0.0))
+    aug.set_random_state(0)
+    image = torch.rand(40, 1, 64, 64)
+    label = torch.randint(0, 4, (40, 1, 64, 64)).float()
+    out = aug({"image": image, "label": label, "other": "kept"})
+    assert out["other"] == "kept" and out["image"].shape == image.shape and out["label"].dtype == torch.float32
+    seen = set()
+    for i in range(40):
+        candidates = {"none": image[i], "flip": image[i].flip(-1),
+                      **{f"rot{k}": torch.rot90(image[i], k, dims=(1, 2)) for k in (1, 2, 3)}}
+        matches = [name for name, x in candidates.items()
+                   if torch.allclose(out["image"][i], _monai_elastic(x, "bilinear"), atol=1e-4)]
+        assert len(matches) == 1, (i, matches)
+        seen.add(matches[0])
+        x = {"none": label[i], "flip": label[i].flip(-1)}.get(matches[0])
+        x = torch.rot90(label[i], int(matches[0][3:]), dims=(1, 2)) if x is None else x
+        assert torch.equal(out["label"][i], _monai_elastic(x, "nearest"))  # the same draw for the label
+    assert seen == {"none", "flip", "rot1", "rot2", "rot3"}
+
+
+def test_spatial_augment_moves_image_and_label_together_and_is_seeded():
+    image = torch.zeros(16, 1, 64, 64)
+    image[:, :, 20:44, 16:40] = 1.0  # an off-centre square
+    label = (image > 0.5).to(torch.uint8)
+    aug = RandSpatialAugmentd(["image", "label"])  # the config's ranges, elastic up to 2 px
+    aug.set_random_state(3)
+    out = aug({"image": image, "label": label})
+    assert out["label"].dtype == torch.uint8 and set(out["label"].unique().tolist()) <= {0, 1}
+    agree = ((out["image"] > 0.5).to(torch.uint8) == out["label"]).float().mean()
+    assert agree > 0.99  # the same geometry for both keys
+    moved = (out["label"] != label).flatten(1).any(1)
+    assert moved.sum() >= 12  # elastic offsets move every slice a little; most slices also rotate, zoom or flip
+    again = RandSpatialAugmentd(["image", "label"])
+    again.set_random_state(3)
+    assert torch.equal(again({"image": image, "label": label})["label"], out["label"])
+    with pytest.raises(ValueError, match="step_degrees"):
+        RandSpatialAugmentd(["image"], mode="bilinear", step_degrees=50)
+    with pytest.raises(ValueError, match="mode"):
+        RandSpatialAugmentd(["image", "label"], mode=["bilinear", "bicubic"])

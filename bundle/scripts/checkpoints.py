@@ -279,7 +279,9 @@ class TrainingState:
     ``engine.training_state_path`` is set to ``path`` (``NonFiniteGuard`` names it).
 
     Bit-for-bit resume (CPU, the same settings) holds when data loader workers are not persistent across epochs
-    (``num_workers`` 0, or ``persistent_workers`` False): persistent workers carry RNG streams this file cannot hold.
+    (``num_workers`` 0, or ``persistent_workers`` False): persistent workers carry RNG streams this file cannot hold,
+    and their loader draws its workers' seed from the main RNG once, at the first epoch the process runs. The
+    bundle's loaders are not persistent, and their workers only gather slices (augmentation runs on the batch).
     """
 
     def __init__(

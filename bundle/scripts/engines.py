@@ -1,9 +1,10 @@
-"""Glue that lets MONAI's ``SupervisedTrainer`` run a contrastive pre-training step unchanged.
+"""Glue that lets MONAI's ``SupervisedTrainer`` run the fine-tuning and contrastive pre-training steps unchanged.
 
-The trainer's default iteration computes ``loss(network(inputs), targets)``. For pre-training, ``ContrastiveViews``
-is its ``prepare_batch``: it turns a batch of B slices into V augmented views (V*B images, on the device) and a
-metadata dict as the "targets"; ``MetadataLoss`` calls a contrastive loss with that metadata. AMP, gradient
-accumulation, events and handlers all come from the trainer.
+The trainer's default iteration computes ``loss(network(inputs), targets)``. For fine-tuning, ``AugmentedBatch`` is
+its ``prepare_batch``: the batch's slices and labels augmented together on the device. For pre-training,
+``ContrastiveViews`` is its ``prepare_batch``: it turns a batch of B slices into V augmented views (V*B images, on
+the device) and a metadata dict as the "targets"; ``MetadataLoss`` calls a contrastive loss with that metadata.
+AMP, gradient accumulation, events and handlers all come from the trainer.
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ class ContrastiveViews:
         }
         metadata["sample"] = torch.arange(images.shape[0], device=images.device).repeat(self.num_views)
         return views, metadata
+
+
+class AugmentedBatch:
+    """``prepare_batch`` for fine-tuning: the batch moved to the device, then augmented there.
+
+    Args:
+        augment: dict of batch tensors -> dict, e.g. ``Compose([RandSpatialAugmentd(["image", "label"])])``.
+        keys: the (input, target) entries of the batch.
+
+    Call: ``(batchdata, device, non_blocking) -> (image (B, C, H, W), label (B, 1, H, W))``, augmented together.
+    """
+
+    def __init__(self, augment: Callable[[dict], dict], keys: Sequence[str] = ("image", "label")):
+        self.augment, self.keys = augment, tuple(keys)
+
+    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **_):
+        data = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in self.keys}
+        data = self.augment(data)
+        return data[self.keys[0]], data[self.keys[1]]
 
 
 class MetadataLoss(nn.Module):

@@ -15,12 +15,14 @@ with the slice axis last, following method.md:
 
 Steps 3-5 are invertible with ``Invertd``, so predictions go back to the native grid (steps 1-2 change no geometry).
 
-The pre-training augmentations work on a whole batch of slices (B, C, H, W) as tensors on the training device,
-with an independent random draw per slice and no Python loop over slices.
+The augmentations of pre-training (``RandCropResize``, ``RandBrightnessContrast``) and of fine-tuning
+(``RandSpatialAugmentd``) work on a whole batch of slices (B, C, H, W) as tensors on the training device, with an
+independent random draw per slice and no Python loop over slices: the data loader only gathers slices.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -37,11 +39,11 @@ from monai.transforms import (
     MapTransform,
     Randomizable,
     ResizeWithPadOrCropd,
-    Rotated,
     ScaleIntensityRangePercentilesd,
     Spacingd,
     Transform,
 )
+from monai.transforms.utils import create_control_grid
 
 from scripts.errors import BundleError
 
@@ -397,20 +399,100 @@ class RandBrightnessContrast(Randomizable, Transform):
         return ((images - mean) * c + mean + offset).clamp(*self.clip)
 
 
-class RandRotateStepd(Randomizable, Transform):
-    """Dictionary transform: rotate the (C, H, W) arrays of ``keys`` by k * ``step_degrees`` for a random k.
+@functools.lru_cache(maxsize=8)
+def _bicubic_upsampling(points: int, spacing: int, size: int) -> torch.Tensor:
+    """(size, points): the centre ``size`` samples of ``F.interpolate(..., scale_factor=spacing, mode="bicubic",
+    align_corners=False)`` along an axis of ``points`` values, as weights (bicubic upsampling is separable), so
+    that only the samples kept are computed."""
+    basis = torch.eye(points, dtype=torch.float64).view(points, 1, points, 1)
+    up = F.interpolate(basis, scale_factor=(float(spacing), 1.0), mode="bicubic", align_corners=False)[:, 0, :, 0]
+    start = (up.shape[1] - size) // 2
+    return up[:, start:start + size].T.float()
 
-    k is drawn uniformly from 1 .. 360 / step_degrees - 1 (the paper's "rotation by k * 45 degrees"); all keys
-    share the draw. ``mode`` per key ("bilinear" for images, "nearest" for labels).
+
+class RandSpatialAugmentd(Randomizable, MapTransform):
+    """Fine-tuning augmentation of a batch of slices and their labels, on the device, with one resampling per slice.
+
+    Per slice, one of five spatial transforms, each with probability 1/5 (MONAI's ``OneOf``): a rotation by an angle
+    ~ U(-``rotation_range``, ``rotation_range``) radians; a zoom by ~ U(``zoom_range``) about the centre; a left-right
+    flip; a rotation by k * ``step_degrees`` with k ~ U{1 .. 360 / step_degrees - 1}; nothing. Then an elastic
+    deformation as MONAI's ``Rand2DElastic`` draws it: a control grid ``elastic_spacing`` pixels apart (for
+    spacing = size / 2, 3 x 3 points over the slice) whose points move by magnitude * N(0, 1) pixels per axis, with
+    magnitude ~ U(``elastic_magnitude``), upsampled bicubically to a displacement field.
+
+    Both steps are sampled at once: output(p) = input(A (p + d(p))) with A the slice's transform and d the
+    displacement (pixel coordinates about the slice centre). As in the MONAI transforms it replaces (``RandRotated``,
+    ``RandZoomd``, ``RandFlipd``, ``Rotated``, then ``Rand2DElasticd``, one slice at a time in the loader workers),
+    points that the spatial transform maps outside the slice take the nearest border value and points that the
+    deformation moves outside take 0. The result equals theirs for no transform, the flip and multiples of 90
+    degrees (tested); for other angles and for zooms it interpolates once where they interpolated twice (MONAI's
+    zoom resized the array and cropped or padded it back).
+
+    Args:
+        keys: the batch entries to transform, (B, C, H, W) each (e.g. image and label), with the same draws.
+        mode: interpolation per key: "bilinear" (images) or "nearest" (labels).
+
+    Call: a dict with (B, C, H, W) tensors under ``keys`` -> the same dict with those tensors augmented (float
+    tensors come back in their dtype; others are resampled as float and cast back).
     """
 
-    def __init__(self, keys: Sequence[str], step_degrees: float = 45.0, mode: Sequence[str] = ("bilinear", "nearest")):
+    NUM_CHOICES = 5  # rotation, zoom, flip, rotation by a step, none
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mode: Sequence[str] | str = ("bilinear", "nearest"),
+        rotation_range: float = 0.2618,
+        zoom_range: Sequence[float] = (0.95, 1.05),
+        step_degrees: float = 45.0,
+        elastic_spacing: int = 32,
+        elastic_magnitude: Sequence[float] = (0.0, 2.0),
+    ):
+        super().__init__(keys)
+        self.mode = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
+        if len(self.mode) != len(self.keys) or any(m not in ("bilinear", "nearest") for m in self.mode):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest' for each of {self.keys}, got {mode!r}.")
         if not 0 < step_degrees < 360 or (360 / step_degrees) % 1:
             raise ValueError(f"step_degrees must divide 360, got {step_degrees}.")
-        self.steps = int(360 / step_degrees)
-        self.step = np.deg2rad(step_degrees)
-        self.keys, self.mode = tuple(keys), tuple(mode)
+        if elastic_spacing < 1:
+            raise ValueError(f"elastic_spacing must be >= 1 pixel, got {elastic_spacing}.")
+        self.rotation_range, self.zoom_range = float(rotation_range), tuple(float(z) for z in zoom_range)
+        self.steps, self.step = int(round(360 / step_degrees)), float(np.deg2rad(step_degrees))
+        self.spacing, self.magnitude = int(elastic_spacing), tuple(float(m) for m in elastic_magnitude)
 
-    def __call__(self, data: dict) -> dict:
-        k = self.R.randint(1, self.steps)
-        return Rotated(self.keys, angle=k * self.step, keep_size=True, mode=self.mode)(data)
+    def sampling_points(self, batch: int, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the random transforms of ``batch`` slices: (B, H, W, 2) points in pixel coordinates about the slice
+        centre, (x, y) order, where each output pixel samples the input; and (B, H, W, 2) the deformed points before
+        the spatial transform (for the zero padding of the deformation)."""
+        r = self.R
+        choice = r.randint(0, self.NUM_CHOICES, batch)
+        angle = np.where(choice == 0, r.uniform(-self.rotation_range, self.rotation_range, batch), 0.0)
+        angle = angle + np.where(choice == 3, r.randint(1, self.steps, batch) * self.step, 0.0)
+        zoom = np.where(choice == 1, r.uniform(*self.zoom_range, batch), 1.0)
+        flip = np.where(choice == 2, -1.0, 1.0)
+        # control points (MONAI's grid, pixels about the centre) moved by magnitude * N(0, 1), as Rand2DElastic
+        control = create_control_grid((height, width), (self.spacing,) * 2, homogeneous=False)
+        magnitude = r.uniform(*self.magnitude, batch)[:, None, None, None]
+        moved = torch.as_tensor(control[None] + magnitude * r.normal(size=(batch, *control.shape)))
+        rows, columns = (_bicubic_upsampling(n, self.spacing, size).to(device)
+                         for n, size in zip(control.shape[1:], (height, width)))
+        dense = torch.einsum("hg,bcgk,wk->bhwc", rows, moved.to(device=device, dtype=torch.float32), columns)
+        deformed = dense.flip(-1)  # (B, H, W, [x, y])
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+        matrix = np.stack([np.stack([cos * flip, -sin], -1), np.stack([sin * flip, cos], -1)], -2)
+        matrix = torch.as_tensor(matrix, device=device, dtype=torch.float32)
+        return torch.einsum("bij,bhwj->bhwi", matrix, deformed), deformed
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        first = d[self.keys[0]]
+        b, _, h, w = first.shape
+        points, deformed = self.sampling_points(b, h, w, first.device)
+        size = torch.tensor([w / 2.0, h / 2.0], device=first.device)  # pixels about the centre -> [-1, 1]
+        for key, mode in zip(self.keys, self.mode):
+            x = d[key]
+            inside = F.grid_sample(torch.ones_like(x[:, :1], dtype=torch.float32), deformed / size, mode=mode,
+                                   padding_mode="zeros", align_corners=False)
+            out = F.grid_sample(x.float(), points / size, mode=mode, padding_mode="border", align_corners=False)
+            d[key] = (out * inside).to(x.dtype)
+        return d

@@ -1,0 +1,51 @@
+"""The data-pipeline benchmark (study.pipeline_bench): a tiny run of the three real workflows, and its output."""
+
+import math
+
+import pytest
+
+from study import benchmark, pipeline_bench
+
+# a small network, small batches and the synthetic data at 6 patients: seconds, not minutes
+TINY = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4], "num_workers": 0,
+        "global#volumes_per_batch": 2, "local#volumes_per_batch": 2, "global#hidden_features": 16,
+        "global#embedding_features": 8, "pretrain_epoch_length": 2, "batch_size": 4, "iterations_per_epoch": 2}
+TINY_DATA = ["--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
+             "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]"]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return pipeline_bench.bench_pipeline(iterations=4, warmup=1, overrides=TINY, prepare_overrides=TINY_DATA,
+                                         quiet=True)
+
+
+def test_the_three_workflows_are_measured_against_their_model_step(rows):
+    assert [r["stage"] for r in rows] == ["global", "local", "finetune"]
+    # network input images per step: V=2 views x M=2 volumes x S=4 partitions; 2 x 2 x 4; batch_size slices
+    assert [r["images"] for r in rows] == [16, 16, 4]
+    for row in rows:
+        assert row["iterations"] == 4 and row["num_workers"] == 0
+        for key in ("pipeline_ips", "model_ips"):
+            assert math.isfinite(row[key]) and row[key] > 0, row
+        assert row["ratio"] == pytest.approx(row["pipeline_ips"] / row["model_ips"])
+        # loading and augmenting cost time, and the steps are the same: far above 1 would be a measuring error
+        assert 0.05 < row["ratio"] < 3.0, row
+    line = pipeline_bench.format_line(rows[0])
+    assert line.startswith("stage=global pipeline=") and " model=" in line and " ratio=" in line
+
+
+def test_unknown_stages_and_empty_measurements_are_refused():
+    with pytest.raises(ValueError, match="stages"):
+        pipeline_bench.bench_pipeline(stages=("pretrain",), quiet=True)
+    with pytest.raises(ValueError, match="warmup"):
+        pipeline_bench.bench_pipeline(warmup=0, quiet=True)
+
+
+def test_main_prints_one_line_per_stage(rows, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline_bench, "bench_pipeline", lambda *args, **kwargs: rows)
+    result = benchmark.main(parts="pipeline", device="cpu", quiet=True)
+    out = capsys.readouterr().out
+    assert result["pipeline"] == rows and "Data pipeline" in out
+    lines = [line for line in out.splitlines() if line.startswith("stage=")]
+    assert [line.split()[0] for line in lines] == ["stage=global", "stage=local", "stage=finetune"]
