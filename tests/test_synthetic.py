@@ -142,6 +142,7 @@ def test_volumes_vary(volumes):
 
 def test_not_trivially_thresholdable(volumes):
     for image, label, spacing in volumes.values():
+        image = image / np.percentile(image, 99)  # as the pre-processing scales it (bias fields make outliers)
         lv_blood = np.median(image[label == 3])
         assert lv_blood > image[label == 2].mean() + 0.1  # blood brighter than myocardium
         bright_background = (image >= lv_blood) & (label == 0)
