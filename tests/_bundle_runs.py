@@ -13,7 +13,7 @@ CONFIGS = ROOT / "bundle" / "configs"
 TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
         "--cache_workers", "0"]
 # pre-training: 3 epochs of 2 iterations per stage
-PRETRAIN = ["--global#iterations", "6", "--local#iterations", "6", "--pretrain_epoch_length", "2",
+PRETRAIN = ["--global#max_iterations", "6", "--local#max_iterations", "6", "--pretrain_epoch_length", "2",
             "--global#volumes_per_batch", "2", "--local#volumes_per_batch", "2", "--global#hidden_features", "16",
             "--global#embedding_features", "8"]
 # fine-tuning: 4 epochs of 2 iterations, validation after each

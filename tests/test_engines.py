@@ -1,8 +1,12 @@
 """The contrastive prepare_batch and the loss adapter that let SupervisedTrainer run pre-training."""
 
-import torch
+import json
 
-from scripts.engines import ContrastiveViews, MetadataLoss
+import pytest
+import torch
+from ignite.engine import Engine
+
+from scripts.engines import ContrastiveViews, MetadataLoss, PlateauStop
 from scripts.losses import GlobalContrastiveLoss, LocalContrastiveLoss
 
 
@@ -35,3 +39,44 @@ def test_metadata_loss_passes_what_each_loss_accepts():
     local = MetadataLoss(LocalContrastiveLoss())
     assert local.keys == ("volume", "partition", "sample")
     assert torch.isfinite(local(torch.randn(12, 4, 12, 12), meta))
+
+
+def _run_with_losses(losses, stop, epoch_length=10):
+    """An engine whose output at iteration i is {"loss": losses[i - 1]}; returns it after running it to the end."""
+    engine = Engine(lambda e, _: {"loss": torch.tensor(losses[e.state.iteration - 1], requires_grad=True)})
+    stop.attach(engine)
+    engine.run(range(epoch_length), max_epochs=len(losses) // epoch_length)
+    return engine
+
+
+def test_plateau_stop_stops_once_the_running_loss_stops_falling(tmp_path):
+    # falls over epochs 1..6 (10 iterations each), then flat: best (min_delta 2%) at iteration 60 -> stop at 90
+    losses = [3.0 - 0.4 * min(i // 10, 5) for i in range(200)]
+    report = tmp_path / "stop.json"
+    stop = PlateauStop("global", min_iterations=0, patience=30, min_delta=0.02, report=str(report))
+    engine = _run_with_losses(losses, stop)
+    assert engine.state.iteration == 90
+    saved = json.loads(report.read_text())
+    assert saved["reason"] == "plateau" and saved["iteration"] == 90 and saved["best_iteration"] == 60
+    assert saved["loss"] == pytest.approx(1.0) and len(saved["history"]) == 9
+
+
+def test_plateau_stop_waits_for_min_iterations_and_reports_the_budget(tmp_path):
+    flat = [3.2] * 100  # the chance level from the start: no fall at all
+    report = tmp_path / "stop.json"
+    engine = _run_with_losses(flat, PlateauStop("global", min_iterations=60, patience=20, report=str(report)))
+    assert engine.state.iteration == 60  # not before min_iterations
+    falling = [3.0 - 0.01 * i for i in range(100)]  # still falling at the end -> the budget, "not converged"
+    engine = _run_with_losses(falling, PlateauStop("local", min_iterations=0, patience=20, report=str(report)))
+    saved = json.loads(report.read_text())
+    assert engine.state.iteration == 100 and saved["reason"] == "budget" and "not converged" in saved["explanation"]
+    engine = _run_with_losses(flat, PlateauStop("local", enabled=False, patience=10, report=str(report)))
+    assert engine.state.iteration == 100 and json.loads(report.read_text())["reason"] == "budget"
+
+
+def test_plateau_stop_carries_its_history_across_a_resume():
+    stop = PlateauStop("global", patience=30)
+    _run_with_losses([2.0] * 30, stop)
+    resumed = PlateauStop("global", patience=30)
+    resumed.load_state_dict(stop.state_dict())
+    assert resumed.history == stop.history and resumed.best() == (10, 2.0)

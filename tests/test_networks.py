@@ -89,3 +89,18 @@ def test_torchscript_matches_eager():
     net = UNet2D(1, 4, **TINY).eval()
     x = torch.rand(2, 1, 64, 64)
     torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+
+
+def test_global_head_batch_norm_option():
+    unet = UNet2D(1, 4, **TINY)
+    paper = GlobalContrastiveNet(unet, image_size=64, hidden_features=32, out_features=16)
+    batch = GlobalContrastiveNet(unet, image_size=64, hidden_features=32, out_features=16, head_norm="batch")
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in paper.head.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in batch.head.modules()) == 1
+    assert batch(torch.rand(4, 1, 64, 64)).shape == (4, 16)
+    with pytest.raises(ValueError, match="norm"):
+        GlobalContrastiveNet(unet, image_size=64, head_norm="layer")
+    with pytest.raises(ValueError, match="init"):
+        GlobalContrastiveNet(unet, image_size=64, head_init="xavier")
+    torch_init = GlobalContrastiveNet(unet, image_size=64, hidden_features=32, out_features=16, head_init="torch")
+    assert torch_init.head.mlp[1].weight.std() < paper.head.mlp[1].weight.std()  # a third of the He variance

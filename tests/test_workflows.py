@@ -48,7 +48,7 @@ def workspace(tmp_path_factory):
                              "--synthetic#num_test", "1", "--synthetic#subset_sizes", "[1,2]",
                              "--synthetic#num_subsets", "[1,1]")
     logs["pretrain"] = bundle(work, "run", "pretrain", "--config_file", config("train.yaml", "pretrain.yaml"), *paths,
-                              *TINY, "--global#iterations", "4", "--local#iterations", "4",
+                              *TINY, "--global#max_iterations", "4", "--local#max_iterations", "4",
                               "--pretrain_epoch_length", "2", "--global#volumes_per_batch", "2",
                               "--local#volumes_per_batch", "2", "--global#hidden_features", "16",
                               "--global#embedding_features", "8")
@@ -75,6 +75,10 @@ def test_pretraining_writes_both_stages(workspace):
         if k.startswith("encoder."):
             assert torch.equal(g[k], loc[k]), k
     assert any(not torch.equal(g[k], loc[k]) for k in g if k.startswith("decoder.2."))
+    for stage in ("global", "local"):  # each stage says when and why it stopped (4 iterations: the budget)
+        stop = json.loads((work / "eval" / f"pretrain_{stage}_stop.json").read_text())
+        assert stop["stage"] == stage and stop["reason"] == "budget" and stop["iteration"] == 4
+        assert f"pretrain-{stage}: stopped at iteration 4" in logs["pretrain"]
 
 
 def test_fine_tuning_starts_from_pretraining_and_selects_on_validation(workspace):

@@ -20,6 +20,7 @@ Granularity: the training state is saved at epoch boundaries (``iterations_per_e
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -56,6 +57,24 @@ STATE_FORMAT = "contrastive-seg-training-state/1"  # the "format" entry of every
 
 
 # ---------------------------------------------------------------- atomic writes and safe reads
+def atomic_write_json(obj, path: str | os.PathLike, indent: int = 2) -> str:
+    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically: a temporary file in the same folder,
+    ``os.replace``-d onto ``path`` (removed on an exception, ``path`` untouched). Returns ``path`` as a string."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return str(path)
+
+
 def atomic_save(obj, path: str | os.PathLike) -> str:
     """``torch.save(obj)`` to ``path`` atomically; returns ``path`` as a string.
 

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from scripts.checkpoints import safe_load
+from scripts.checkpoints import atomic_write_json, safe_load
 from scripts.errors import BundleError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -236,11 +236,7 @@ def write_metadata(checkpoint: str, metadata_file: str) -> dict:
         raise BundleError(f"checkpoint {checkpoint} carries no data contract: train it again with this version.")
     with open(metadata_file) as f:
         meta = update_metadata(json.load(f), contract)
-    tmp = metadata_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=4)
-        f.write("\n")
-    os.replace(tmp, metadata_file)
+    atomic_write_json(meta, metadata_file, indent=4)
     return contract
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +34,7 @@ from monai.data import PersistentDataset, load_decathlon_datalist
 from monai.data.image_reader import ImageReader
 from torch.utils.data import Dataset
 
+from scripts.checkpoints import atomic_write_json
 from scripts.contract import make_contract
 from scripts.errors import BundleError, MissingFileError
 from scripts.sampler import partition_of
@@ -134,15 +134,7 @@ def write_datalist(path: str, datalist: dict, base_dir: str | None = None) -> st
         return {k: rel(v) if k in ("image", "label") and isinstance(v, str) else v for k, v in case.items()}
 
     content = {key: [entry(c) for c in value] if _is_case_list(value) else value for key, value in datalist.items()}
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_json(content, path)
     return path
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 from monai.handlers import MetricsSaver
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 METADATA_KEYS = ("volume", "partition", "sample", "position")
 
@@ -70,8 +74,8 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def loss_value(output) -> float:
     """The ``"loss"`` of an engine output: a dict (``decollate=False``) or a list of decollated dicts."""
-    first = output[0] if isinstance(output, (list, tuple)) else output
-    return float(first["loss"])
+    loss = (output[0] if isinstance(output, (list, tuple)) else output)["loss"]
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
 class LossProgressBar:
@@ -104,3 +108,95 @@ class NamedMetricsSaver(MetricsSaver):
             super().__call__(engine)
         finally:
             saver.write_metrics_reports = original
+
+
+class PlateauStop:
+    """Handler: stop a pre-training stage once its running loss has stopped falling, and say when and why.
+
+    The running loss is the mean loss of an epoch (``pretrain_epoch_length`` iterations; under torch.distributed the
+    mean over every rank, so all ranks stop together). After each epoch the stage stops when ``enabled``, at least
+    ``min_iterations`` have run, and the best running loss has not fallen by a relative ``min_delta`` for
+    ``patience`` iterations ("plateau"). Otherwise it runs to the trainer's ``max_epochs`` ("budget").
+
+    When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
+    {"stage", "reason": "plateau" | "budget", "iteration", "loss" (last running loss), "best_loss",
+    "best_iteration", "seconds", "history": [[iteration, running loss], ...]}. ``state_dict`` /
+    ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
+    """
+
+    def __init__(self, stage: str, enabled: bool = True, min_iterations: int = 0, patience: int = 300,
+                 min_delta: float = 0.02, report: str | None = None):
+        if patience < 1 or min_delta < 0:
+            raise ValueError(f"patience must be >= 1 and min_delta >= 0, got {patience} and {min_delta}.")
+        self.stage, self.enabled, self.report = stage, bool(enabled), report
+        self.min_iterations, self.patience, self.min_delta = int(min_iterations), int(patience), float(min_delta)
+        self.history: list[list[float]] = []  # [iteration, running loss] after each epoch
+        self.reason, self._sum, self._count, self._started = "budget", 0.0, 0, 0.0
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [list(h) for h in state["history"]]
+
+    def _start(self, engine) -> None:
+        self._started, self.reason = time.perf_counter(), "budget"
+
+    def _accumulate(self, engine) -> None:
+        self._sum += loss_value(engine.state.output)
+        self._count += 1
+
+    def _running_loss(self) -> float:
+        total = torch.tensor([self._sum, float(self._count)], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = total.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(total)
+        self._sum, self._count = 0.0, 0
+        return float(total[0] / total[1].clamp(min=1))
+
+    def best(self) -> tuple[int, float]:
+        """(iteration, running loss) of the lowest running loss so far, counting only falls of ``min_delta``."""
+        best_iteration, best_loss = 0, float("inf")
+        for iteration, loss in self.history:
+            if loss < best_loss * (1.0 - self.min_delta) or best_loss == float("inf"):
+                best_iteration, best_loss = int(iteration), loss
+        return best_iteration, best_loss
+
+    def _epoch_completed(self, engine) -> None:
+        iteration = engine.state.iteration
+        self.history.append([iteration, self._running_loss()])
+        best_iteration, _ = self.best()
+        if self.enabled and iteration >= self.min_iterations and iteration - best_iteration >= self.patience:
+            self.reason = "plateau"
+            engine.terminate()
+
+    def _completed(self, engine) -> None:
+        from scripts.checkpoints import _rank, atomic_write_json
+
+        iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
+        best_iteration, best_loss = self.best()
+        if self.reason == "plateau":
+            why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% since iteration "
+                   f"{best_iteration} ({best_loss:.3f}) for {iteration - best_iteration} iterations")
+        elif not self.enabled:
+            why = "budget: max_iterations reached; the plateau rule is off"
+        elif iteration - best_iteration < self.patience:
+            why = (f"budget: max_iterations reached while the running loss was still falling (best {best_loss:.3f} "
+                   f"at iteration {best_iteration}): not converged")
+        else:
+            why = "budget: max_iterations reached"
+        logger.info(f"pretrain-{self.stage}: stopped at iteration {int(iteration)}, running loss {loss:.3f} ({why})")
+        if self.report and _rank() == 0:
+            atomic_write_json({
+                "stage": self.stage, "reason": self.reason, "iteration": int(iteration), "loss": loss,
+                "best_loss": best_loss, "best_iteration": best_iteration,
+                "seconds": round(time.perf_counter() - self._started, 1), "explanation": why,
+                "history": self.history}, self.report)

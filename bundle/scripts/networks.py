@@ -5,7 +5,7 @@ Shapes: images are (B, C_in, H, W) with H and W divisible by 2 ** (levels - 1) (
 - ``UNet2D``: encoder of ``len(encoder_channels)`` levels (two [3x3 conv, BN, ReLU] each, 2x2 max-pool between
   levels) and a decoder of ``len(encoder_channels) - 1`` blocks (x2 nearest upsampling, 2x2 conv, concatenate the
   encoder skip, two [3x3 conv, BN, ReLU]); a 1x1 output convolution gives the class logits.
-- ``GlobalProjectionHead`` (g1): flattened bottleneck -> FC hidden + ReLU -> FC out.
+- ``GlobalProjectionHead`` (g1): flattened bottleneck -> FC hidden [+ BN] + ReLU -> FC out.
 - ``LocalProjectionHead`` (g2): 1x1 conv + BN + ReLU -> 1x1 conv, keeping the channel count.
 - ``GlobalContrastiveNet`` / ``LocalContrastiveNet``: the U-Net parts each pre-training stage trains, plus its head.
 """
@@ -140,17 +140,30 @@ class UNet2D(nn.Module):
 
 
 class GlobalProjectionHead(nn.Module):
-    """g1: (B, C, h, w) bottleneck -> flatten -> FC ``hidden`` + ReLU -> FC ``out_features`` = (B, out_features)."""
+    """g1: (B, C, h, w) bottleneck -> flatten -> FC ``hidden`` [+ BN] + ReLU -> FC ``out_features`` = (B, out_features).
 
-    def __init__(self, in_features: int, hidden_features: int = 1024, out_features: int = 128):
+    ``norm``: "none" (the paper's g1) or "batch" (BatchNorm1d after the hidden layer, as SimCLR's projection head):
+    it centres the hidden features over the batch, so the embeddings of different images differ from the first step.
+    ``init``: "he_normal" (the reference: He-normal weights, zero biases) or "torch" (PyTorch's default for
+    ``nn.Linear``, uniform with a third of the He variance).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int = 1024, out_features: int = 128, norm: str = "none",
+                 init: str = "he_normal"):
         super().__init__()
+        if norm not in ("none", "batch") or init not in ("he_normal", "torch"):
+            raise ValueError(f"norm must be 'none' or 'batch' and init 'he_normal' or 'torch', got {norm!r}, {init!r}.")
+        hidden = [nn.Linear(in_features, hidden_features, bias=norm == "none")]
+        if norm == "batch":
+            hidden.append(nn.BatchNorm1d(hidden_features))
         self.mlp = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(in_features, hidden_features),
+            *hidden,
             nn.ReLU(inplace=True),
             nn.Linear(hidden_features, out_features),
         )
-        he_normal_init(self)
+        if init == "he_normal":
+            he_normal_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
@@ -180,15 +193,19 @@ class GlobalContrastiveNet(nn.Module):
         unet: the U-Net whose encoder is trained (its decoder is left untouched).
         image_size: side of the square input slices; fixes the flattened bottleneck size.
         hidden_features / out_features: g1 widths (paper: 1024 / 128).
+        head_norm / head_init: g1's normalisation ("none", the paper, or "batch") and initialisation ("he_normal", the
+            reference, or "torch"); see ``GlobalProjectionHead``.
     """
 
-    def __init__(self, unet: UNet2D, image_size: int, hidden_features: int = 1024, out_features: int = 128):
+    def __init__(self, unet: UNet2D, image_size: int, hidden_features: int = 1024, out_features: int = 128,
+                 head_norm: str = "none", head_init: str = "he_normal"):
         super().__init__()
         if image_size % unet.downsampling:
             raise ValueError(f"image_size must be a multiple of {unet.downsampling}, got {image_size}.")
         side = image_size // unet.downsampling
         self.unet = unet
-        self.head = GlobalProjectionHead(unet.encoder_channels[-1] * side * side, hidden_features, out_features)
+        self.head = GlobalProjectionHead(unet.encoder_channels[-1] * side * side, hidden_features, out_features,
+                                         head_norm, head_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.unet.encode(x)[-1])

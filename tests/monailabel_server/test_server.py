@@ -93,7 +93,7 @@ def short_run(work: str):
                  "--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
                  "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]", cwd=work)
     monai_bundle("run", "pretrain", "--config_file", both("train.yaml", "pretrain.yaml"), *paths,
-                 "--global#iterations", "4", "--local#iterations", "4", "--pretrain_epoch_length", "2",
+                 "--global#max_iterations", "4", "--local#max_iterations", "4", "--pretrain_epoch_length", "2",
                  "--global#volumes_per_batch", "2", "--local#volumes_per_batch", "2", cwd=work)
     monai_bundle("run", "--config_file", both("train.yaml"), *paths, "--max_epochs", "2",
                  "--iterations_per_epoch", "20", "--batch_size", "10", cwd=work)
