@@ -92,5 +92,5 @@ def test_paired_gains_reject_bad_input(tmp_path):
         gains_table(str(tmp_path / "a"), str(tmp_path / "b" / "{subset}"), ["labelled_1_0"])
     with pytest.raises(FileNotFoundError, match="run the evaluation"):
         gains_table(str(tmp_path / "a" / "{subset}"), str(tmp_path / "b" / "{subset}"), ["labelled_1_0"])
-    with pytest.raises(ValueError, match="exactly two"):
+    with pytest.raises(ValueError, match="two patterns"):
         compare({"a": str(tmp_path / "{subset}")}, subsets=["labelled_1_0"])

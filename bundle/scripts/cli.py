@@ -33,7 +33,7 @@ def compare(
     parts = []
     if subsets:
         if len(results) != 2:
-            raise ValueError(f"with subsets, results must hold exactly two patterns (baseline, treatment), got {results}")
+            raise ValueError(f"with subsets, results must hold two patterns (baseline, treatment), got {results}")
         (base_name, base), (treat_name, treat) = results.items()
         parts.append("Mean 3D Dice on the test volumes (mean over volumes of the mean over classes), paired by "
                      f"labelled subset; gain = {treat_name} - {base_name}, mean ± std over subsets\n\n"

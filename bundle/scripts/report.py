@@ -66,7 +66,9 @@ def labelled_size(subset: str) -> str:
     return found.group(1) or found.group(2)
 
 
-def gains_table(baseline: str, treatment: str, subsets: Sequence[str], names: Sequence[str] = ("baseline", "treatment")) -> str:
+def gains_table(
+    baseline: str, treatment: str, subsets: Sequence[str], names: Sequence[str] = ("baseline", "treatment")
+) -> str:
     """A markdown table of paired results: the same labelled subsets fine-tuned from two initialisations.
 
     ``baseline`` and ``treatment`` are evaluation directory patterns holding ``{subset}`` (e.g.

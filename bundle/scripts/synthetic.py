@@ -37,7 +37,7 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_volume", "write_dataset", "patient_seed"]
+__all__ = ["make_volume", "write_dataset", "patient_seed", "patient_group"]
 
 # ---- stack geometry -------------------------------------------------------------------------------------------------
 NUM_SLICES_RANGE = (8, 14)  # inclusive
@@ -515,6 +515,17 @@ def _rician(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarr
     return np.sqrt((img + n[0]) ** 2 + n[1] ** 2)
 
 
+def _streams(seed: int) -> list[np.random.Generator]:
+    """Independent random streams of one volume: parameters, heart, background, appearance."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)]
+
+
+def patient_group(seed: int) -> tuple[str, float]:
+    """(patient group, gamma) that ``make_volume(seed)`` draws: a key of PATHOLOGIES and the intensity exponent."""
+    p = _draw_params(_streams(seed)[0], {})
+    return p.pathology, p.gamma
+
+
 def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One synthetic volume: image float32 (H, W, Z), label uint8 (H, W, Z), spacing (sx, sy, sz) in mm.
 
@@ -526,9 +537,7 @@ def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[flo
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _check_options(options)
     # independent streams, so that e.g. a different noise level leaves the anatomy (and the labels) unchanged
-    rng_params, rng_heart, rng_background, rng_appearance = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)
-    )
+    rng_params, rng_heart, rng_background, rng_appearance = _streams(seed)
     p = _draw_params(rng_params, options)
     (h, w), nz = p.shape, p.num_slices
     sx, sy, _ = p.spacing
