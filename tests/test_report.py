@@ -83,7 +83,8 @@ def test_paired_gains_per_subset_and_per_size(tmp_path, capsys):
     assert "- local stage: did NOT converge (iteration budget spent) at iteration 400" in text
     assert "NO stop record" in stop_summary(str(tmp_path))
     # a plateau at the starting loss is not convergence
-    flat = {"stage": "global", "iteration": 300, "reason": "plateau", "loss": 3.21, "history": [[100, 3.22], [300, 3.21]]}
+    flat = {"stage": "global", "iteration": 300, "reason": "plateau", "loss": 3.21,
+            "history": [[100, 3.22], [300, 3.21]]}
     (stops / "pretrain_global_stop.json").write_text(json.dumps(flat))
     assert "global stage: stopped on a plateau at its starting loss: did NOT learn" in stop_summary(str(stops))
 
