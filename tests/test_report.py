@@ -1,10 +1,12 @@
 """The demo's table and curves: per-volume Dice CSVs and TensorBoard logs in, markdown and PNG out."""
 
+import json
+
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts.cli import compare
-from scripts.report import dice_table, plot_curves, read_dice, read_scalars
+from scripts.report import dice_table, gains_table, labelled_size, plot_curves, read_dice, read_scalars, stop_summary
 
 
 def _dice_csv(folder, rows):
@@ -40,3 +42,60 @@ def test_curves_from_tensorboard_logs(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(KeyError, match="no scalar 'local_loss'"):
         read_scalars(str(tmp_path / "log"), "local_loss")
+
+
+def test_paired_gains_per_subset_and_per_size(tmp_path, capsys):
+    """Each subset pairs its own two runs; per |XL| the mean gain and the sample std of the gains over subsets."""
+    # (baseline, treatment) per-volume Dice of each subset: gains +0.1 and +0.3 at |XL| = 1, -0.05 at |XL| = 2
+    runs = {"labelled_1_0": (0.4, 0.5), "labelled_1_1": (0.2, 0.5), "labelled_2_0": (0.6, 0.55)}
+    for subset, (base, treat) in runs.items():
+        _dice_csv(tmp_path / "random" / subset, [(base, base, base), (base - 0.1, base, base + 0.1)])
+        _dice_csv(tmp_path / "pre" / subset, [(treat, treat, treat)] * 3)
+    _dice_csv(tmp_path / "random" / "labelled_all", [(0.9, 0.9, 0.9)])
+    table = gains_table(str(tmp_path / "random" / "{subset}"), str(tmp_path / "pre" / "{subset}"), list(runs),
+                        names=("random", "pre-trained"))
+    assert "| 1 | labelled_1_0 | 0.400 | 0.500 | +0.100 |" in table
+    assert "| 1 | labelled_1_1 | 0.200 | 0.500 | +0.300 |" in table
+    assert "| 2 | labelled_2_0 | 0.600 | 0.550 | -0.050 |" in table
+    assert "| **1** | mean of 2 | 0.300 | 0.500 | **+0.200 ± 0.141** |" in table  # std([0.1, 0.3], ddof=1)
+    assert "| **2** | mean of 1 | 0.600 | 0.550 | **-0.050 ± n/a** |" in table
+    # swapping the two runs of one subset changes that subset's gain only: the pairing is by subset
+    swapped = gains_table(str(tmp_path / "random" / "{subset}"), str(tmp_path / "pre" / "{subset}"),
+                          ["labelled_1_1", "labelled_1_0"])
+    assert swapped.index("labelled_1_1") < swapped.index("labelled_1_0")
+    assert "| **1** | mean of 2 | 0.300 | 0.500 | **+0.200 ± 0.141** |" in swapped
+
+    stops = tmp_path / "eval"
+    stops.mkdir()
+    (stops / "pretrain_global_stop.json").write_text(
+        json.dumps({"stage": "global", "iteration": 700, "reason": "plateau", "loss": 1.234}))
+    (stops / "pretrain_local_stop.json").write_text(
+        json.dumps({"stage": "local", "iteration": 400, "reason": "budget", "loss": 0.5}))
+    out = tmp_path / "out" / "demo.md"
+    compare({"random": str(tmp_path / "random" / "{subset}"), "pre": str(tmp_path / "pre" / "{subset}")},
+            output=str(out), subsets=list(runs), reference={"all labelled": str(tmp_path / "random" / "labelled_all")},
+            stops=str(stops))
+    text = out.read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    assert "gain = pre - random" in text and "| **1** | mean of 2 | 0.300 | 0.500 | **+0.200 ± 0.141** |" in text
+    assert "| all labelled | 1 | 0.900 ± 0.000 |" in text
+    assert "- global stage: converged (loss plateau) at iteration 700, running loss 1.234" in text
+    assert "- local stage: did NOT converge (iteration budget spent) at iteration 400" in text
+    assert "NO stop record" in stop_summary(str(tmp_path))
+    # a plateau at the starting loss is not convergence
+    flat = {"stage": "global", "iteration": 300, "reason": "plateau", "loss": 3.21,
+            "history": [[100, 3.22], [300, 3.21]]}
+    (stops / "pretrain_global_stop.json").write_text(json.dumps(flat))
+    assert "global stage: stopped on a plateau at its starting loss: did NOT learn" in stop_summary(str(stops))
+
+
+def test_paired_gains_reject_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="labelled_<n>_<i>"):
+        labelled_size("validation")
+    assert labelled_size("labelled_8_2") == "8" and labelled_size("labelled_all") == "all"
+    with pytest.raises(ValueError, match="{subset}"):
+        gains_table(str(tmp_path / "a"), str(tmp_path / "b" / "{subset}"), ["labelled_1_0"])
+    with pytest.raises(FileNotFoundError, match="run the evaluation"):
+        gains_table(str(tmp_path / "a" / "{subset}"), str(tmp_path / "b" / "{subset}"), ["labelled_1_0"])
+    with pytest.raises(ValueError, match="two patterns"):
+        compare({"a": str(tmp_path / "{subset}")}, subsets=["labelled_1_0"])

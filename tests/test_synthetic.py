@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from scripts import synthetic
-from scripts.synthetic import make_volume, patient_seed, write_dataset
+from scripts.synthetic import make_volume, patient_group, patient_seed, write_dataset
 
 SEEDS = list(range(12))
 
@@ -115,6 +115,58 @@ def test_relative_depth_profiles_agree_across_volumes(volumes):
     assert profiles[:, 0].mean() > 0.8 and profiles[:, -1].mean() < 0.15
 
 
+def _compositions(label):
+    """(Z, 3) areas of RV, myocardium and LV per slice, over the volume's largest heart cross-section: what a slice
+    shows, wherever the heart sits and whatever its size."""
+    areas = np.array([[(label[..., k] == c).sum() for c in (1, 2, 3)] for k in range(label.shape[2])], float)
+    return areas / areas.sum(axis=1).max()
+
+
+def test_partition_cue_same_partition_slices_alike(volumes):
+    """Slices of the same partition (floor(k * S / Z), S = 4) of different volumes show more similar anatomy than
+    slices of different partitions: the cue the G^D / L^D strategies rely on."""
+    slices = []  # (volume, partition, composition)
+    for v, (image, label, spacing) in volumes.items():
+        z = label.shape[2]
+        slices += [(v, k * 4 // z, c) for k, c in enumerate(_compositions(label))]
+    same, other = [], []
+    for i, (v1, p1, c1) in enumerate(slices):
+        for v2, p2, c2 in slices[i + 1 :]:
+            if v1 != v2:
+                (same if p1 == p2 else other).append(np.abs(c1 - c2).sum())
+    # ~0.56 here; slices shuffled within each volume (no cue) give ~1.0
+    assert np.mean(same) < 0.7 * np.mean(other), (np.mean(same), np.mean(other))
+
+
+def test_patient_groups_and_intensity_response_vary():
+    """Every ACDC-like group occurs, changes the heart as documented, and each volume has its own gamma."""
+    seeds = range(60)
+    drawn = [patient_group(s) for s in seeds]
+    groups = {g for g, _ in drawn}
+    assert groups == set(synthetic.PATHOLOGIES)
+    gammas = np.array([g for _, g in drawn])
+    lo, hi = synthetic.GAMMA_RANGE
+    assert lo <= gammas.min() and gammas.max() <= hi and gammas.min() < 0.7 and gammas.max() > 1.4
+    # mid-ventricular wall thickness / cavity radius: hypertrophic hearts have thick walls, dilated ones thin walls
+    ratio = {}
+    for s, (group, _) in zip(seeds, drawn):
+        if group in ("dilated", "hypertrophic") and len(ratio.setdefault(group, [])) < 3:
+            image, label, spacing = make_volume(s)
+            k = label.shape[2] // 3
+            myo, lv = (label[..., k] == 2).sum(), (label[..., k] == 3).sum()
+            ratio[group].append(myo / lv)
+    assert min(ratio["hypertrophic"]) > max(ratio["dilated"]), ratio
+
+
+def test_labels_consistent_with_image(volumes):
+    """Labels mark what the image shows: the LV blood pool is brighter than the myocardium in every volume and
+    (nearly) every slice, so the labels do not drift from the anatomy whatever the gamma."""
+    for image, label, spacing in volumes.values():
+        bright = [np.median(image[..., k][label[..., k] == 3]) > np.median(image[..., k][label[..., k] == 2])
+                  for k in range(label.shape[2]) if (label[..., k] == 3).sum() > 20]
+        assert np.mean(bright) >= 0.9, bright
+
+
 def test_heart_size_and_position(volumes):
     for image, label, spacing in volumes.values():
         radius = _radius_mm(label.shape[:2], spacing)
@@ -142,6 +194,7 @@ def test_volumes_vary(volumes):
 
 def test_not_trivially_thresholdable(volumes):
     for image, label, spacing in volumes.values():
+        image = image / np.percentile(image, 99)  # as the pre-processing scales it (bias fields make outliers)
         lv_blood = np.median(image[label == 3])
         assert lv_blood > image[label == 2].mean() + 0.1  # blood brighter than myocardium
         bright_background = (image >= lv_blood) & (label == 0)

@@ -10,19 +10,47 @@ import os
 
 import fire
 
-from scripts.report import dice_table, plot_curves
+from scripts.report import dice_table, gains_table, plot_curves, stop_summary
 
 
-def compare(results: dict, output: str | None = None) -> None:
-    """Print (and write to ``output``) a table of 3D test Dice per class: ``results`` maps a name to an evaluation
-    directory written by evaluate.yaml, e.g. ``--results "{'random': 'bundle/eval/random_init/test'}"``."""
-    table = dice_table(results)
-    print(table)
+def compare(
+    results: dict,
+    output: str | None = None,
+    subsets: list | None = None,
+    reference: dict | None = None,
+    stops: str | None = None,
+) -> None:
+    """Print (and write to ``output``) test Dice tables from evaluation directories written by evaluate.yaml.
+
+    - ``results`` maps a name to an evaluation directory: a table of 3D Dice per class, mean ± std over volumes,
+      e.g. ``--results "{'random': 'bundle/eval/random_init/test'}"``.
+    - With ``subsets`` (datalist keys, e.g. ``"['labelled_1_0','labelled_1_1']"``), ``results`` holds exactly two
+      directory patterns with ``{subset}``, the baseline first: the paired table of mean Dice per subset and the
+      gain, with mean gain ± std per |XL| (``report.gains_table``).
+    - ``reference``: more named directories, shown as a per-class table (e.g. fine-tuning on all labelled volumes).
+    - ``stops``: the pre-training output_dir; says for each stage whether it converged (``report.stop_summary``).
+    """
+    parts = []
+    if subsets:
+        if len(results) != 2:
+            raise ValueError(f"with subsets, results must hold two patterns (baseline, treatment), got {results}")
+        (base_name, base), (treat_name, treat) = results.items()
+        parts.append("Mean 3D Dice on the test volumes (mean over volumes of the mean over classes), paired by "
+                     f"labelled subset; gain = {treat_name} - {base_name}, mean ± std over subsets\n\n"
+                     + gains_table(base, treat, list(subsets), names=(base_name, treat_name)))
+    else:
+        parts.append("3D Dice on the test volumes (mean ± std over volumes)\n\n" + dice_table(results))
+    if reference:
+        parts.append("Reference: 3D Dice on the test volumes (mean ± std over volumes)\n\n" + dice_table(reference))
+    if stops:
+        parts.append("Pre-training stages\n\n" + stop_summary(stops))
+    text = "\n\n".join(parts)
+    print(text)
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         tmp = output + ".tmp"
         with open(tmp, "w") as f:
-            f.write("3D Dice on the test volumes (mean ± std over volumes)\n\n" + table + "\n")
+            f.write(text + "\n")
         os.replace(tmp, output)
 
 

@@ -7,7 +7,9 @@ Dice of each foreground class (named as in the data contract) on the volume's na
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -48,6 +50,78 @@ def dice_table(results: Mapping[str, str], class_names: Sequence[str] | None = N
         per_volume = np.nanmean(dice, axis=1)
         cells = [f"{np.nanmean(c):.3f} ± {np.nanstd(c):.3f}" for c in (*dice.T, per_volume)]
         lines.append("| " + " | ".join([name, str(len(dice)), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def mean_dice(evaluation_dir: str) -> float:
+    """Mean over volumes of the per-volume mean Dice over foreground classes (NaN classes left out)."""
+    return float(np.nanmean(np.nanmean(read_dice(evaluation_dir), axis=1)))
+
+
+def labelled_size(subset: str) -> str:
+    """|XL| of a datalist subset key: ``labelled_2_1`` -> "2", ``labelled_all`` -> "all"."""
+    found = re.fullmatch(r"labelled_(\d+)_\d+|labelled_(all)", subset)
+    if found is None:
+        raise ValueError(f"subset must be a datalist key labelled_<n>_<i> or labelled_all, got {subset!r}")
+    return found.group(1) or found.group(2)
+
+
+def gains_table(
+    baseline: str, treatment: str, subsets: Sequence[str], names: Sequence[str] = ("baseline", "treatment")
+) -> str:
+    """A markdown table of paired results: the same labelled subsets fine-tuned from two initialisations.
+
+    ``baseline`` and ``treatment`` are evaluation directory patterns holding ``{subset}`` (e.g.
+    ``bundle/eval/random_init/{subset}/test``), filled with each datalist key in ``subsets``. One row per subset:
+    |XL|, the subset, the mean Dice of each (``mean_dice``) and the gain treatment - baseline; then one row per |XL|:
+    the mean of each and the mean gain ± its sample standard deviation over that size's subsets (n - 1; "n/a" with
+    one subset).
+    """
+    if not subsets:
+        raise ValueError("subsets must name at least one datalist key, e.g. ['labelled_1_0'].")
+    for pattern in (baseline, treatment):
+        if "{subset}" not in pattern:
+            raise ValueError(f"an evaluation directory pattern must contain '{{subset}}', got {pattern!r}")
+    rows = []  # (|XL|, subset, baseline Dice, treatment Dice)
+    for subset in subsets:
+        rows.append((labelled_size(subset), subset, mean_dice(baseline.format(subset=subset)),
+                     mean_dice(treatment.format(subset=subset))))
+    header = ["\\|XL\\|", "labelled subset", *names, "gain"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size, subset, b, t in rows:
+        lines.append(f"| {size} | {subset} | {b:.3f} | {t:.3f} | {t - b:+.3f} |")
+    for size in dict.fromkeys(r[0] for r in rows):
+        b, t = (np.array([r[i] for r in rows if r[0] == size]) for i in (2, 3))
+        spread = f"{np.std(t - b, ddof=1):.3f}" if len(b) > 1 else "n/a"
+        lines.append(f"| **{size}** | mean of {len(b)} | {b.mean():.3f} | {t.mean():.3f} | "
+                     f"**{np.mean(t - b):+.3f} ± {spread}** |")
+    return "\n".join(lines)
+
+
+STOP_FILE = "pretrain_{stage}_stop.json"
+NO_LEARNING = 0.05  # a plateau whose running loss is within 5% of the stage's first running loss: it did not learn
+
+
+def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -> str:
+    """One line per pre-training stage from ``<output_dir>/pretrain_<stage>_stop.json`` (written when the stage
+    stops: {"stage", "iteration", "reason": "plateau" | "budget", "loss", "history", ...}): whether it converged,
+    and whether a plateau sits at the stage's first running loss (``NO_LEARNING``), i.e. the stage never learned."""
+    lines = []
+    for stage in stages:
+        path = os.path.join(output_dir, STOP_FILE.format(stage=stage))
+        if not os.path.isfile(path):
+            lines.append(f"- {stage} stage: NO stop record ({path} missing): convergence unknown")
+            continue
+        with open(path) as f:
+            stop = json.load(f)
+        verdict = {"plateau": "converged (loss plateau)", "budget": "did NOT converge (iteration budget spent)"}.get(
+            stop.get("reason"), f"stopped for an unknown reason {stop.get('reason')!r}")
+        history = stop.get("history") or []
+        start = f" (first running loss {history[0][1]:.3f})" if history else ""
+        if stop.get("reason") == "plateau" and history and history[-1][1] > (1.0 - NO_LEARNING) * history[0][1]:
+            verdict = "stopped on a plateau at its starting loss: did NOT learn"
+        lines.append(f"- {stage} stage: {verdict} at iteration {stop.get('iteration')}, running loss "
+                     f"{float(stop.get('loss', float('nan'))):.3f}{start}")
     return "\n".join(lines)
 
 

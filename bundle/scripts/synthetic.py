@@ -17,6 +17,10 @@ slices at the same relative depth look alike (the "partition" cue of the method)
 
 Per volume: size, spacing, number of slices, heart position / scale / rotation, tissue contrasts, partial-volume blur,
 a smooth multiplicative bias field and Rician noise vary; per slice: slight misalignment (breath-hold).
+As in ACDC, each patient belongs to one of five groups (normal, previous infarction, dilated or hypertrophic
+cardiomyopathy, abnormal right ventricle) that change the heart's size, wall thickness and RV; and, as across
+scanners and sequences, each volume has its own non-linear intensity response (a gamma curve). One labelled volume
+therefore shows one group and one appearance only, while the unlabelled volumes show them all.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_volume", "write_dataset", "patient_seed"]
+__all__ = ["make_volume", "write_dataset", "patient_seed", "patient_group"]
 
 # ---- stack geometry -------------------------------------------------------------------------------------------------
 NUM_SLICES_RANGE = (8, 14)  # inclusive
@@ -43,6 +47,14 @@ SLICE_SPACING = 10.0  # mm
 
 # ---- heart anatomy (mm at scale 1; t = relative depth, 0 = base, 1 = apex) -------------------------------------------
 HEART_SCALE_RANGE = (0.85, 1.12)
+# patient groups as in ACDC: probability, LV scale, wall thickness and RV thickness multipliers
+PATHOLOGIES = {
+    "normal": (0.2, 1.0, 1.0, 1.0),
+    "infarction": (0.2, 1.1, 0.8, 1.0),  # MINF: thinned wall, mildly dilated
+    "dilated": (0.2, 1.22, 0.7, 1.0),  # DCM: large LV, thin wall
+    "hypertrophic": (0.2, 0.92, 1.6, 0.9),  # HCM: thick wall, small cavity
+    "abnormal_rv": (0.2, 0.95, 1.0, 1.6),  # ARV: enlarged RV
+}
 LV_OUTER_RADIUS_BASE = 27.0  # outer (epicardial) diameter ~ 46-60 mm at the base
 LV_APEX_SHRINK_RANGE = (0.5, 0.65)  # outer radius at the apex = (1 - shrink) * base radius
 LV_SHRINK_EXPONENT_RANGE = (2.2, 3.5)  # the radius falls off as t ** exponent (cylindrical base, tapering apex)
@@ -61,7 +73,7 @@ RV_TIP_EXPONENT = 0.6  # thickness profile (1 - (angle / wrap) ** 2) ** exponent
 RV_FREE_WALL_RANGE = (1.8, 3.0)  # thin dark RV free wall (labelled background)
 PAPILLARY_DEPTH = (0.15, 0.75)
 PAPILLARY_RADIUS_RANGE = (2.0, 3.5)
-HEART_SHIFT_MAX = 10.0  # random translation of the basal LV centre (mm)
+HEART_SHIFT_MAX = 16.0  # random translation of the basal LV centre (mm)
 HEART_OFFSET_FROM_RV = 10.0  # the LV centre sits this far from the image centre, away from the RV
 HEART_TILT_MAX = 8.0  # drift of the LV centre from base to apex (oblique long axis), mm
 SLICE_SHIFT_SIGMA_RANGE = (0.4, 1.8)  # per-slice misalignment (mm), clipped to SLICE_SHIFT_MAX
@@ -69,7 +81,7 @@ SLICE_SHIFT_MAX = 3.5
 CHEST_ROTATION_MAX = math.radians(40.0)
 RV_ANGLE_JITTER = math.radians(15.0)
 RV_CANONICAL_DIRECTION = (-0.35, -0.94)  # (rows, cols): towards the upper left in a standard display
-MAX_HEART_EXTENT = 70.0  # the whole heart (labels) stays within this distance of the image centre (mm)
+MAX_HEART_EXTENT = 85.0  # the whole heart (labels) stays within this distance of the image centre (mm)
 
 # ---- background anatomy (mm) ----------------------------------------------------------------------------------------
 BODY_HALF_AXES_RANGE = ((105.0, 125.0), (140.0, 175.0))  # antero-posterior, left-right
@@ -101,8 +113,9 @@ TISSUE_RATIO_TO_MYO_RANGES = {  # soft tissues resemble the myocardium (bSSFP), 
 RV_BLOOD_RATIO_RANGE = (0.8, 1.02)
 TEXTURE_AMPLITUDE_RANGE = (0.03, 0.1)
 BLUR_SIGMA_RANGE = (0.4, 0.9)  # partial-volume blur (pixels)
-BIAS_STRENGTH = 0.2  # std of the log-bias polynomial coefficients
-NOISE_SIGMA_RANGE = (0.015, 0.05)  # Rician noise std (same units as the tissue intensities)
+BIAS_STRENGTH = 0.3  # std of the log-bias polynomial coefficients
+GAMMA_RANGE = (0.5, 2.0)  # per-volume intensity response image ** gamma (log-uniform): scanner / sequence
+NOISE_SIGMA_RANGE = (0.015, 0.06)  # Rician noise std (same units as the tissue intensities)
 
 _OPTIONS = ("num_slices", "shape", "in_plane_spacing", "slice_spacing", "noise_level")
 
@@ -159,6 +172,8 @@ class _Params:
     blur: float
     bias: np.ndarray  # (6,) log-bias coefficients
     noise: float
+    pathology: str  # a key of PATHOLOGIES (already applied to scale, myo_base and rv_base)
+    gamma: float
 
 
 def _rotate(u, v, angle: float):
@@ -339,6 +354,14 @@ def _draw_params(rng: np.random.Generator, options: dict) -> _Params:
         stomach=bool(rng.uniform() < 0.6),
         organ_wobble=np.stack([wobble(0.15) for _ in range(4)]),
     )
+    # patient group (scales the heart drawn above) and intensity response; drawn after the anatomy above
+    names = list(PATHOLOGIES)
+    d["pathology"] = names[int(rng.choice(len(names), p=[PATHOLOGIES[n][0] for n in names]))]
+    _, lv_scale, wall_scale, rv_scale = PATHOLOGIES[d["pathology"]]
+    d["scale"] *= lv_scale
+    d["myo_base"] *= wall_scale / lv_scale  # wall thickness = scale * myo_base
+    d["rv_base"] *= rv_scale
+    d["gamma"] = float(np.exp(rng.uniform(*np.log(GAMMA_RANGE))))
     blobs = []
     for _ in range(int(rng.integers(NUM_EXTRA_BLOBS_RANGE[0], NUM_EXTRA_BLOBS_RANGE[1] + 1))):
         dist, ang = uni(BLOB_DISTANCE_RANGE), rng.uniform(0, 2 * math.pi)
@@ -492,6 +515,17 @@ def _rician(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarr
     return np.sqrt((img + n[0]) ** 2 + n[1] ** 2)
 
 
+def _streams(seed: int) -> list[np.random.Generator]:
+    """Independent random streams of one volume: parameters, heart, background, appearance."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)]
+
+
+def patient_group(seed: int) -> tuple[str, float]:
+    """(patient group, gamma) that ``make_volume(seed)`` draws: a key of PATHOLOGIES and the intensity exponent."""
+    p = _draw_params(_streams(seed)[0], {})
+    return p.pathology, p.gamma
+
+
 def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One synthetic volume: image float32 (H, W, Z), label uint8 (H, W, Z), spacing (sx, sy, sz) in mm.
 
@@ -503,9 +537,7 @@ def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[flo
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _check_options(options)
     # independent streams, so that e.g. a different noise level leaves the anatomy (and the labels) unchanged
-    rng_params, rng_heart, rng_background, rng_appearance = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)
-    )
+    rng_params, rng_heart, rng_background, rng_appearance = _streams(seed)
     p = _draw_params(rng_params, options)
     (h, w), nz = p.shape, p.num_slices
     sx, sy, _ = p.spacing
@@ -527,6 +559,7 @@ def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[flo
         img = ndimage.gaussian_filter(img, p.blur)
         img *= _bias_field(xn, yn, 2.0 * t - 1.0, p.bias)
         image[..., k] = _rician(img, p.noise, rng_appearance)
+    image = (image / max(float(np.percentile(image, 99.0)), 1e-6)) ** p.gamma  # the gamma acts on the bulk range
     lo, hi = float(image.min()), float(image.max())
     image = (image - lo) / max(hi - lo, 1e-6)
     return image.astype(np.float32), label, p.spacing

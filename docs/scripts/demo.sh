@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
 # The whole method on the embedded synthetic data, with the bundle's own workflows:
-#   prepare data -> pre-train (global G^D, then local L^R, encoder frozen) -> fine-tune on 2 labelled volumes
-#   -> the same fine-tuning from random initialisation -> evaluate both on the test volumes -> print the table.
+#   prepare data -> pre-train once (global G^D, then local L^R with the encoder frozen)
+#   -> for |XL| = 1 and 2 labelled volumes, two labelled subsets each: fine-tune from the pre-trained weights and,
+#      with the same budget, from random initialisation; evaluate every model on the test volumes
+#   -> the reference: random initialisation fine-tuned on every labelled volume of the training pool
+#   -> the paired table (per subset: both mean Dice values and the gain; per |XL|: mean gain ± std over subsets),
+#      whether each pre-training stage converged, and the curves.
 # Usage: bash docs/scripts/demo.sh  (from the repository root; `make demo` builds the environment first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 C=bundle/configs
+
+# ---- the demo's budget: command-line overrides of the configs' CPU-scale defaults, so the whole demo fits in
+# ---- 15 minutes on 2 CPU cores (model card, "Performance": the stage times of a run)
+# pre-training: each stage stops on the plateau of its running loss (scripts.engines.PlateauStop), within a budget
+PRETRAIN=(--global#stop_on_plateau True --global#max_iterations 400 --global#min_iterations 200 --global#patience 200
+          --local#stop_on_plateau True --local#max_iterations 500 --local#min_iterations 100 --local#patience 200)
+FINETUNE=(--max_epochs 3 --iterations_per_epoch 50)          # each fine-tuning: 3 x 50 = 150 steps of 10 slices
+SUBSETS=(labelled_1_0 labelled_1_1 labelled_2_0 labelled_2_1)  # datalist keys labelled_<|XL|>_<subset>
+REFERENCE=labelled_all                                       # every labelled pool volume, random init (empty: skip)
+
 # every stage command is also appended to bundle/models/commands.log: `make bundle` puts it in the model card
 LOG=bundle/models/commands.log
 mkdir -p bundle/models
@@ -23,22 +37,46 @@ run() {
     "$PY" -m monai.bundle run "$@"
 }
 START=$(date +%s)
+stage_time() { echo "demo: $1 took $(( $(date +%s) - $2 )) s"; }
 
+T=$(date +%s)
 run prepare_synthetic --config_file "['$C/train.yaml','$C/prepare.yaml']"
-run pretrain --config_file "['$C/train.yaml','$C/pretrain.yaml']"
-# fine-tune from the pre-trained encoder + decoder blocks 1..3 -> bundle/models/model.pt
-run run --config_file "$C/train.yaml"
-run run --config_file "['$C/train.yaml','$C/evaluate.yaml']"
-# the same budget from random initialisation -> bundle/models/random_init/model.pt
-RANDOM_INIT=(--use_pretrained False --model_dir bundle/models/random_init --output_dir bundle/eval/random_init)
-run run --config_file "$C/train.yaml" "${RANDOM_INIT[@]}"
-run run --config_file "['$C/train.yaml','$C/evaluate.yaml']" "${RANDOM_INIT[@]}"
+stage_time "data preparation" "$T"
+T=$(date +%s)
+run pretrain --config_file "['$C/train.yaml','$C/pretrain.yaml']" "${PRETRAIN[@]}"
+stage_time "pre-training" "$T"
 
+# fine-tune + evaluate: one labelled subset (a datalist key) and one initialisation (pretrained | random_init);
+# weights in bundle/models/<init>/<subset>/model.pt, logs and test Dice in bundle/eval/<init>/<subset>/
+finetune() {
+    local subset=$1 init=$2 T
+    T=$(date +%s)
+    local args=(--train_key "$subset" --model_dir "bundle/models/$init/$subset" --output_dir "bundle/eval/$init/$subset"
+                --pretrained_checkpoint bundle/models/pretrained_local.pt "${FINETUNE[@]}")
+    [ "$init" = random_init ] && args+=(--use_pretrained False)
+    run run --config_file "$C/train.yaml" "${args[@]}"
+    run run --config_file "['$C/train.yaml','$C/evaluate.yaml']" "${args[@]}"
+    stage_time "fine-tuning + evaluation ($init, $subset)" "$T"
+}
+for subset in "${SUBSETS[@]}"; do
+    finetune "$subset" pretrained
+    finetune "$subset" random_init
+done
+REFERENCE_ARGS=()
+if [ -n "$REFERENCE" ]; then
+    finetune "$REFERENCE" random_init
+    REFERENCE_ARGS=(--reference "{'random init, $REFERENCE': 'bundle/eval/random_init/$REFERENCE/test'}")
+fi
+# the released fine-tuned weights (make bundle): pre-trained, fine-tuned on the first subset of 2 labelled volumes
+cp bundle/models/pretrained/labelled_2_0/model.pt bundle/models/model.pt
+echo "cp bundle/models/pretrained/labelled_2_0/model.pt bundle/models/model.pt" >> "$LOG"
+
+SUBSET_LIST=$(printf "'%s'," "${SUBSETS[@]}")
 PYTHONPATH=bundle "$PY" -m scripts.cli compare \
-    --results "{'random init': 'bundle/eval/random_init/test', 'G^D + L^R pre-trained': 'bundle/eval/test'}" \
-    --output bundle/eval/demo_results.md
+    --results "{'random init': 'bundle/eval/random_init/{subset}/test', 'pre-trained': 'bundle/eval/pretrained/{subset}/test'}" \
+    --subsets "[${SUBSET_LIST%,}]" "${REFERENCE_ARGS[@]}" --stops bundle/eval --output bundle/eval/demo_results.md
 PYTHONPATH=bundle "$PY" -m scripts.cli curves --output bundle/eval/demo_curves.png \
     --global_loss=bundle/eval/pretrain_global:global_loss --local_loss=bundle/eval/pretrain_local:local_loss \
-    --validation_Dice_pretrained=bundle/eval:val_mean_dice \
-    --validation_Dice_random_init=bundle/eval/random_init:val_mean_dice
+    --validation_Dice_pretrained=bundle/eval/pretrained/labelled_1_0:val_mean_dice \
+    --validation_Dice_random_init=bundle/eval/random_init/labelled_1_0:val_mean_dice
 echo "demo finished in $(( $(date +%s) - START )) s; table written to bundle/eval/demo_results.md"
