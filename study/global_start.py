@@ -78,27 +78,31 @@ def run_variant(dataset_dir: str, overrides: dict, iterations: int, every: int =
     return record
 
 
-def plot(results: dict[str, dict], path: str) -> None:
-    """One panel per statistic, one line per variant, against the iteration."""
+def plot(results: dict[str, dict], path: str, smooth: int = 5) -> None:
+    """One panel per statistic, one line per variant (running mean over ``smooth`` records), against the iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     titles = {"loss": "global loss", "dim_std": "per-dimension std of normalised embeddings",
               "similarity": "mean pairwise cosine similarity", "grad_encoder": "gradient norm: encoder",
               "grad_head": "gradient norm: g1 head"}
-    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.6))
-    for ax, (key, title) in zip(axes, titles.items()):
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    for ax, (key, title) in zip(axes.flat, titles.items()):
         for name, record in results.items():
-            ax.plot(record["iteration"], record[key], label=name, lw=1.2)
+            values = np.convolve(record[key], np.ones(smooth) / smooth, mode="valid")
+            ax.plot(record["iteration"][smooth - 1:], values, label=name, lw=1.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         if key.startswith("grad"):
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[-1].axis("off")
+    axes.flat[-1].legend(handles, labels, loc="center", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -135,10 +135,11 @@ class PlateauStop:
 
     The running loss is the mean loss of an epoch (``pretrain_epoch_length`` iterations; under torch.distributed the
     mean over every rank, so all ranks stop together). After each epoch the stage stops when ``enabled``, at least
-    ``min_iterations`` have run, the best running loss has not fallen by a relative ``min_delta`` for ``patience``
-    iterations ("plateau"), and it did fall below the first epoch's before: a loss that has not left its starting
-    level (the global loss can sit at its chance level for hundreds of iterations before it falls) is no plateau.
-    Otherwise it runs to the trainer's ``max_epochs`` ("budget").
+    ``min_iterations`` have run, the best running loss has not fallen by ``min_delta`` times the first epoch's running
+    loss for ``patience`` iterations ("plateau"; a fraction of the starting level, so that the rule means the same
+    for a loss that ends near 0 as for one that ends high), and it did fall by that much at least once: a loss that
+    has not left its starting level (the global loss can sit at its chance level for hundreds of iterations before it
+    falls) is no plateau. Otherwise it runs to the trainer's ``max_epochs`` ("budget").
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
     {"stage", "reason": "plateau" | "budget", "iteration", "loss" (last running loss), "best_loss",
@@ -185,10 +186,12 @@ class PlateauStop:
         return float(total[0] / total[1].clamp(min=1))
 
     def best(self) -> tuple[int, float]:
-        """(iteration, running loss) of the lowest running loss so far, counting only falls of ``min_delta``."""
+        """(iteration, running loss) of the lowest running loss so far, counting only falls of at least ``min_delta``
+        x the first epoch's running loss."""
         best_iteration, best_loss = 0, float("inf")
+        step = self.min_delta * abs(self.history[0][1]) if self.history else 0.0
         for iteration, loss in self.history:
-            if loss < best_loss * (1.0 - self.min_delta) or best_loss == float("inf"):
+            if loss <= best_loss - step or best_loss == float("inf"):
                 best_iteration, best_loss = int(iteration), loss
         return best_iteration, best_loss
 
@@ -208,8 +211,8 @@ class PlateauStop:
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
         best_iteration, best_loss = self.best()
         if self.reason == "plateau":
-            why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% since iteration "
-                   f"{best_iteration} ({best_loss:.3f}) for {iteration - best_iteration} iterations")
+            why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% of its first value since "
+                   f"iteration {best_iteration} ({best_loss:.3f}), for {iteration - best_iteration} iterations")
         elif not self.enabled:
             why = "budget: max_iterations reached; the plateau rule is off"
         elif iteration - best_iteration < self.patience:
