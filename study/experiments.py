@@ -763,6 +763,7 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     config's ``network_def`` and run on the test volume pre-processed by the config's ``train#preprocessing``
     (``train.yaml`` with the plan's overrides), so the slices are shown on the network's input grid.
     """
+    from scripts.report import STOP_FILE
     from study import report as tables
 
     if os.path.isfile(target):
@@ -787,7 +788,7 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
         if record["kind"] in ("global", "local"):
             panel = "global stage" if record["kind"] == "global" else "local stage (encoder frozen)"
             curves.setdefault(panel, []).append((record["id"], os.path.join(exp, record["log_dir"]), record["tag"]))
-            stop = os.path.join(exp, os.path.dirname(record["log_dir"]), f"pretrain_{record['kind']}_stop.json")
+            stop = os.path.join(exp, os.path.dirname(record["log_dir"]), STOP_FILE.format(stage=record["kind"]))
             if os.path.isfile(stop):  # the stopping rule's report (scripts.engines.PlateauStop): why the stage ended
                 with open(stop) as f:
                     record["stop"] = json.load(f)
