@@ -5,7 +5,8 @@ Repository tooling, not part of the bundle: it reads the bundle's evaluation CSV
 
 A results line holds "label" (initialisation), "recipe" ({"global", "local"} strategies, null for none),
 "num_labelled" (|XL|, or "all" for the benchmark), "subset", "seed", "volumes" ([{"image", "dice": per class}]),
-"classes", "class_dice" and "mean_dice" (means over the run's test volumes), "wall_time_s".
+"classes", "class_dice" and "mean_dice" (means over the run's test volumes), "val_dice" (the best validation Dice of
+the fine-tuning, the model-selection score; absent in older results), "wall_time_s".
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def read_dice_rows(evaluation_dir: str) -> tuple[list[str], list[list[float]]]:
     with open(path) as f:
         names = [row["filename"] for row in csv.DictReader(f)]
     return names, dice.tolist()
+
+
+VALIDATION_TAG = "val_mean_dice"   # train.yaml's validation metric, written to TensorBoard in its output_dir
+
+
+def best_validation_dice(output_dir: str) -> float | None:
+    """The highest ``val_mean_dice`` a fine-tuning logged in ``output_dir`` (the score that selected its model.pt), or
+    None when it logged none."""
+    if not os.path.isdir(output_dir):
+        return None
+    try:
+        values = read_scalars(output_dir, VALIDATION_TAG)[1]
+    except KeyError:
+        return None
+    return float(values.max()) if len(values) else None
 
 
 def _sizes(records: Sequence[dict]) -> list:
@@ -130,6 +146,7 @@ def study_tables(records: Sequence[dict], order: Sequence[str] | None = None) ->
                 cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({better}/{len(diffs)})")
             out.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    out += validation_table(records, order)
     bench = _benchmark(records)
     if bench is not None:
         numbers = [s for s in sizes if s != "all"]
@@ -143,6 +160,26 @@ def study_tables(records: Sequence[dict], order: Sequence[str] | None = None) ->
                 cells.append("–" if np.isnan(mean) else f"{100 * mean / bench[0]:.0f} %")
             out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def validation_table(records: Sequence[dict], order: Sequence[str] | None = None) -> list[str]:
+    """Markdown lines: the best validation Dice (model selection) per initialisation x |XL|, mean ± std over runs, and
+    per initialisation over all its runs with a labelled subset: the score that chooses between pre-training recipes,
+    since the test volumes must not. Empty when no record has "val_dice"."""
+    scored = [r for r in records if r.get("val_dice") is not None]
+    if not scored:
+        return []
+    sizes = [s for s in _sizes(scored) if s != "all"]
+    out = ["", "**Best validation Dice** (the validation volumes, the score that selected each model.pt; use it, not "
+           "the test Dice, to choose between initialisations): mean ± std over runs; last column over all of an "
+           "initialisation's runs on labelled subsets.", "",
+           "| initialisation | " + " | ".join(_xl(s) for s in sizes) + " | all subsets |",
+           "|---|" + "---|" * (len(sizes) + 1)]
+    for label in _labels(scored, order):
+        runs = [r for r in scored if r["label"] == label and r["num_labelled"] != "all"]
+        cells = [_cell([r["val_dice"] for r in runs if r["num_labelled"] == s]) for s in sizes]
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([r['val_dice'] for r in runs])} |")
+    return out
 
 
 def study_claims(records: Sequence[dict]) -> list[str]:

@@ -133,7 +133,7 @@ def fake_records():
                 records.append({"label": label, "recipe": {"global": g, "local": loc}, "num_labelled": size,
                                 "subset": subset, "seed": 0, "volumes": volumes, "classes": ["RV", "Myo", "LV"],
                                 "class_dice": [mean - 0.02, mean, mean + 0.02], "mean_dice": mean,
-                                "wall_time_s": {"finetune": 100.0, "evaluate": 10.0}})
+                                "val_dice": mean + 0.1 * subset, "wall_time_s": {"finetune": 100.0, "evaluate": 10.0}})
     for seed in (0, 1):
         records.append({"label": "random", "recipe": {"global": None, "local": None}, "num_labelled": "all",
                         "subset": None, "seed": seed, "volumes": [{"image": "/v0.nii.gz", "dice": [0.9, 0.9, 0.9]}],
@@ -152,6 +152,9 @@ def test_report_tables_and_claims_from_records(tmp_path):
     assert ordering in text
     assert "G^D + L^R vs G^D: +0.050, better in 2/2 paired subsets — the local stage helps" in text
     assert "is 10.6% below the benchmark (0.900) — the paper's 'within 8%' does not hold" in text
+    # model selection: best validation Dice per |XL| (subsets 0 and 1: +0.0 and +0.11) and over every subset run
+    assert "| G^D | 0.705 ± 0.078 | 0.805 ± 0.078 | 0.755 ± 0.086 |" in text
+    assert "| random | 0.555 ± 0.078 | 0.655 ± 0.078 | 0.605 ± 0.086 |" in text   # the benchmark runs are left out
     png = report.plot_dice_vs_labelled(records, str(tmp_path / "dice.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"
 
@@ -235,6 +238,7 @@ def test_a_finished_run_appends_its_result_line(smoke):
     assert record["classes"] == ["right ventricle", "myocardium", "left ventricle"]
     assert len(record["volumes"]) == 1 and len(record["volumes"][0]["dice"]) == 3   # one test volume, 3 classes
     assert set(record["wall_time_s"]) == {"finetune", "evaluate"}
+    assert 0 <= record["val_dice"] <= 1   # the best val_mean_dice the fine-tuning logged
     assert record["config"]["finetune"]["max_epochs"] == 2 and record["config"]["start"] == {"use_pretrained": False}
     assert os.path.isfile(smoke["exp"] / record["model_dir"] / "model.pt")
 
