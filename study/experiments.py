@@ -572,7 +572,8 @@ def _result(job: Job, experiment_dir: str, class_names: list, sizes: dict) -> di
     validation Dice of the fine-tuning ("val_dice", the model-selection score; None when it was never validated)."""
     from study.report import best_validation_dice, read_dice_rows
 
-    names, dice = read_dice_rows(os.path.join(experiment_dir, job.info["output_dir"], "test"))
+    output_dir = os.path.join(experiment_dir, job.info["output_dir"])
+    names, dice = read_dice_rows(os.path.join(output_dir, "test"))
     per_volume = [_nanmean(row) for row in dice]
     classes = _class_names(class_names, len(dice[0]) if dice else 0)
     return {
@@ -582,7 +583,7 @@ def _result(job: Job, experiment_dir: str, class_names: list, sizes: dict) -> di
         "volumes": [{"image": n, "dice": [None if v != v else v for v in row]} for n, row in zip(names, dice)],
         "class_dice": [_nanmean([row[c] for row in dice]) for c in range(len(classes))],
         "mean_dice": _nanmean(per_volume),
-        "val_dice": best_validation_dice(os.path.join(experiment_dir, job.info["output_dir"])),
+        "val_dice": best_validation_dice(output_dir),
     }
 
 
