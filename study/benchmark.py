@@ -550,15 +550,14 @@ STEP_COLUMNS = [("stage", "stage", ""), ("strategy", "strategy", ""), ("mode", "
 
 class _OtherCpuLoad:
     """Share of the machine's CPU time that *other* processes used between ``start()`` and ``stop()`` (Linux
-    ``/proc``; None elsewhere): timings are only trustworthy when it stays near 0."""
+    ``/proc``; None elsewhere): timings are only trustworthy when it stays near 0. This process's own children (data
+    loader workers, the data preparation's subprocess) count as its own: ``own_cpu_ticks``."""
 
     def _read(self) -> tuple[int, int, int]:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(fields[:8]), sum(fields[:8]) - idle, int(own[11]) + int(own[12])  # total, busy, utime + stime
+        return sum(fields[:8]), sum(fields[:8]) - idle, own_cpu_ticks()  # total, busy, own
 
     def start(self) -> None:
         try:
@@ -575,6 +574,30 @@ class _OtherCpuLoad:
             return None
         total, busy, own = (e - b for e, b in zip(end, self.begin))
         return max(0.0, 100.0 * (busy - own) / total) if total > 0 else None
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name: [0] state, [1] ppid, ... [11] utime, [12] stime,
+    [13] cutime, [14] cstime (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def own_cpu_ticks() -> int:
+    """CPU clock ticks used so far by this process, its children that have exited (and were waited for), and its
+    live children (data loader workers) — Linux ``/proc``."""
+    me = os.getpid()
+    fields = _stat_fields(me)
+    ticks = sum(int(v) for v in fields[11:15])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                child = _stat_fields(entry)
+            except (OSError, IndexError):  # gone meanwhile
+                continue
+            if child[1] == str(me):
+                ticks += int(child[11]) + int(child[12])
+    return ticks
 
 
 def environment(device: torch.device) -> dict:

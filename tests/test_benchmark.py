@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,3 +120,13 @@ def test_other_process_cpu_load_is_a_percentage():
     sum(i * i for i in range(200_000))
     share = monitor.stop()
     assert share is None or 0.0 <= share <= 100.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="Linux /proc only")
+def test_own_cpu_time_includes_the_children():
+    """Data loader workers and subprocesses are ours, not 'other processes': a child's CPU time adds to ours."""
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    before = benchmark.own_cpu_ticks()
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    assert benchmark.own_cpu_ticks() - before >= 0.4 * ticks_per_s
