@@ -90,6 +90,19 @@ def test_plateau_stop_waits_for_min_iterations_and_reports_the_budget(tmp_path):
     assert engine.state.iteration == 100 and json.loads(report.read_text())["reason"] == "budget"
 
 
+def test_plateau_stop_reports_the_end_of_a_decaying_schedule(tmp_path):
+    # with schedule_end (cosine decay to 0 at max_iterations), reaching the budget is the schedule's planned end
+    report = tmp_path / "stop.json"
+    falling = [3.0 - 0.01 * i for i in range(100)]
+    engine = _run_with_losses(falling, PlateauStop("global", patience=20, report=str(report), schedule_end=True))
+    saved = json.loads(report.read_text())
+    assert engine.state.iteration == 100 and saved["reason"] == "schedule" and "decayed to 0" in saved["explanation"]
+    fall_then_flat = [3.2] * 10 + [2.0] * 90  # a plateau still stops it before the schedule ends
+    engine = _run_with_losses(fall_then_flat, PlateauStop("global", patience=20, schedule_end=True,
+                                                          report=str(report)))
+    assert engine.state.iteration == 40 and json.loads(report.read_text())["reason"] == "plateau"
+
+
 def test_plateau_stop_carries_its_history_across_a_resume():
     stop = PlateauStop("global", patience=30)
     _run_with_losses([2.0] * 30, stop)

@@ -139,19 +139,21 @@ class PlateauStop:
     loss for ``patience`` iterations ("plateau"; a fraction of the starting level, so that the rule means the same
     for a loss that ends near 0 as for one that ends high), and it did fall by that much at least once: a loss that
     has not left its starting level (the global loss can sit at its chance level for hundreds of iterations before it
-    falls) is no plateau. Otherwise it runs to the trainer's ``max_epochs`` ("budget").
+    falls) is no plateau. Otherwise it runs to the trainer's ``max_epochs`` ("budget"), or, with ``schedule_end``
+    (the learning rate decays to 0 at ``max_iterations``, e.g. ``lr_decay: cosine``), to the end of its schedule
+    ("schedule": the planned end, where the optimiser can no longer move the weights).
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
-    {"stage", "reason": "plateau" | "budget", "iteration", "loss" (last running loss), "best_loss",
+    {"stage", "reason": "plateau" | "budget" | "schedule", "iteration", "loss" (last running loss), "best_loss",
     "best_iteration", "seconds", "history": [[iteration, running loss], ...]}. ``state_dict`` /
     ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
     """
 
     def __init__(self, stage: str, enabled: bool = True, min_iterations: int = 0, patience: int = 300,
-                 min_delta: float = 0.02, report: str | None = None):
+                 min_delta: float = 0.02, report: str | None = None, schedule_end: bool = False):
         if patience < 1 or min_delta < 0:
             raise ValueError(f"patience must be >= 1 and min_delta >= 0, got {patience} and {min_delta}.")
-        self.stage, self.enabled, self.report = stage, bool(enabled), report
+        self.stage, self.enabled, self.report, self.schedule_end = stage, bool(enabled), report, bool(schedule_end)
         self.min_iterations, self.patience, self.min_delta = int(min_iterations), int(patience), float(min_delta)
         self.history: list[list[float]] = []  # [iteration, running loss] after each epoch
         self.reason, self._sum, self._count, self._started = "budget", 0.0, 0, 0.0
@@ -171,7 +173,7 @@ class PlateauStop:
         self.history = [list(h) for h in state["history"]]
 
     def _start(self, engine) -> None:
-        self._started, self.reason = time.perf_counter(), "budget"
+        self._started, self.reason = time.perf_counter(), "schedule" if self.schedule_end else "budget"
 
     def _accumulate(self, engine) -> None:
         self._sum += loss_value(engine.state.output)
@@ -213,6 +215,9 @@ class PlateauStop:
         if self.reason == "plateau":
             why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% of its first value since "
                    f"iteration {best_iteration} ({best_loss:.3f}), for {iteration - best_iteration} iterations")
+        elif self.reason == "schedule":
+            why = (f"schedule: max_iterations reached, where the learning rate has decayed to 0 (best running loss "
+                   f"{best_loss:.3f} at iteration {best_iteration})")
         elif not self.enabled:
             why = "budget: max_iterations reached; the plateau rule is off"
         elif iteration - best_iteration < self.patience:

@@ -104,8 +104,9 @@ NO_LEARNING = 0.05  # a plateau whose running loss is within 5% of the stage's f
 
 def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -> str:
     """One line per pre-training stage from ``<output_dir>/pretrain_<stage>_stop.json`` (written when the stage
-    stops: {"stage", "iteration", "reason": "plateau" | "budget", "loss", "history", ...}): whether it converged,
-    and whether a plateau sits at the stage's first running loss (``NO_LEARNING``), i.e. the stage never learned."""
+    stops: {"stage", "iteration", "reason": "plateau" | "budget" | "schedule", "loss", "history", ...}): whether it
+    converged or ran its learning-rate schedule to the end, and whether a plateau sits at the stage's first running
+    loss (``NO_LEARNING``), i.e. the stage never learned."""
     lines = []
     for stage in stages:
         path = os.path.join(output_dir, STOP_FILE.format(stage=stage))
@@ -114,7 +115,8 @@ def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -
             continue
         with open(path) as f:
             stop = json.load(f)
-        verdict = {"plateau": "converged (loss plateau)", "budget": "did NOT converge (iteration budget spent)"}.get(
+        verdict = {"plateau": "converged (loss plateau)", "budget": "did NOT converge (iteration budget spent)",
+                   "schedule": "ran its learning-rate schedule to the end (decayed to 0)"}.get(
             stop.get("reason"), f"stopped for an unknown reason {stop.get('reason')!r}")
         history = stop.get("history") or []
         start = f" (first running loss {history[0][1]:.3f})" if history else ""
