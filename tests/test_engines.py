@@ -103,6 +103,16 @@ def test_plateau_stop_reports_the_end_of_a_decaying_schedule(tmp_path):
     assert engine.state.iteration == 40 and json.loads(report.read_text())["reason"] == "plateau"
 
 
+def test_plateau_stop_judges_only_the_losses_after_start_iteration():
+    # a crop ramp over 30 iterations: the loss falls, then rises as the task gets harder, then falls and flattens
+    ramp_then_train = [3.0] * 10 + [2.5] * 10 + [3.1] * 10 + [2.9] * 10 + [2.6] * 80
+    engine = _run_with_losses(ramp_then_train, PlateauStop("global", patience=30))
+    assert engine.state.iteration == 50  # judged from the start, the easy epoch at 20 is never beaten: a wrong stop
+    stop = PlateauStop("global", patience=30, start_iteration=30)
+    engine = _run_with_losses(ramp_then_train, stop)
+    assert engine.state.iteration == 80 and stop.best() == (50, pytest.approx(2.6))  # the fall after the ramp, then 30 flat
+
+
 def test_plateau_stop_carries_its_history_across_a_resume():
     stop = PlateauStop("global", patience=30)
     _run_with_losses([2.0] * 30, stop)

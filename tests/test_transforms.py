@@ -1,12 +1,18 @@
 """Pre-processing with known answers, and the tensor augmentations of pre-training and fine-tuning."""
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
 from monai.transforms import Invertd, Rand2DElastic
 
 from scripts.transforms import RandBrightnessContrast, RandCropResize, RandSpatialAugmentd, preprocessing
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
 
 
 def _write(path, array, spacing):
@@ -132,3 +138,19 @@ def test_spatial_augment_moves_image_and_label_together_and_is_seeded():
         RandSpatialAugmentd(["image"], mode="bilinear", step_degrees=50)
     with pytest.raises(ValueError, match="mode"):
         RandSpatialAugmentd(["image", "label"], mode=["bilinear", "bicubic"])
+
+
+@pytest.mark.parametrize("ramp, expected", [(0, [0.25] * 6), (4, [0.8125, 0.625, 0.4375, 0.25, 0.25, 0.25])])
+def test_global_crop_area_follows_the_schedule_of_pretrain_yaml(ramp, expected):
+    """pretrain.yaml's crop schedule sets the crop's area before each iteration: 1.0 -> crop_area over the ramp."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "pretrain.yaml")])
+    parser.update({"global#crop_area": 0.25, "global#crop_area_start": 1.0, "global#crop_ramp_iterations": ramp})
+    crop = parser.get_parsed_content("global#crop")
+    areas = []
+    engine = Engine(lambda engine, batch: areas.append(crop.area))
+    parser.get_parsed_content("global#crop_schedule").attach(engine)
+    engine.run(range(6), max_epochs=1)
+    assert areas == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        crop.area = 0.0

@@ -141,7 +141,9 @@ class PlateauStop:
     has not left its starting level (the global loss can sit at its chance level for hundreds of iterations before it
     falls) is no plateau. Otherwise it runs to the trainer's ``max_epochs`` ("budget"), or, with ``schedule_end``
     (the learning rate decays to 0 at ``max_iterations``, e.g. ``lr_decay: cosine``), to the end of its schedule
-    ("schedule": the planned end, where the optimiser can no longer move the weights).
+    ("schedule": the planned end, where the optimiser can no longer move the weights). The rule judges only the
+    running losses after ``start_iteration`` (pretrain.yaml: the end of the crop ramp, before which the task is still
+    getting harder and the loss may rise); "first" above means the first of those.
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
     {"stage", "reason": "plateau" | "budget" | "schedule", "iteration", "loss" (last running loss), "best_loss",
@@ -150,11 +152,13 @@ class PlateauStop:
     """
 
     def __init__(self, stage: str, enabled: bool = True, min_iterations: int = 0, patience: int = 300,
-                 min_delta: float = 0.02, report: str | None = None, schedule_end: bool = False):
+                 min_delta: float = 0.02, report: str | None = None, schedule_end: bool = False,
+                 start_iteration: int = 0):
         if patience < 1 or min_delta < 0:
             raise ValueError(f"patience must be >= 1 and min_delta >= 0, got {patience} and {min_delta}.")
         self.stage, self.enabled, self.report, self.schedule_end = stage, bool(enabled), report, bool(schedule_end)
         self.min_iterations, self.patience, self.min_delta = int(min_iterations), int(patience), float(min_delta)
+        self.start_iteration = int(start_iteration)
         self.history: list[list[float]] = []  # [iteration, running loss] after each epoch
         self.reason, self._sum, self._count, self._started = "budget", 0.0, 0, 0.0
 
@@ -187,12 +191,17 @@ class PlateauStop:
         self._sum, self._count = 0.0, 0
         return float(total[0] / total[1].clamp(min=1))
 
+    def judged(self) -> list[list[float]]:
+        """The [iteration, running loss] entries the rule judges: those after ``start_iteration``."""
+        return [h for h in self.history if h[0] > self.start_iteration]
+
     def best(self) -> tuple[int, float]:
-        """(iteration, running loss) of the lowest running loss so far, counting only falls of at least ``min_delta``
-        x the first epoch's running loss."""
+        """(iteration, running loss) of the lowest judged running loss so far, counting only falls of at least
+        ``min_delta`` x the first judged running loss; (0, inf) before the first."""
+        judged = self.judged()
         best_iteration, best_loss = 0, float("inf")
-        step = self.min_delta * abs(self.history[0][1]) if self.history else 0.0
-        for iteration, loss in self.history:
+        step = self.min_delta * abs(judged[0][1]) if judged else 0.0
+        for iteration, loss in judged:
             if loss <= best_loss - step or best_loss == float("inf"):
                 best_iteration, best_loss = int(iteration), loss
         return best_iteration, best_loss
@@ -201,7 +210,8 @@ class PlateauStop:
         iteration = engine.state.iteration
         self.history.append([iteration, self._running_loss()])
         best_iteration, _ = self.best()
-        has_fallen = best_iteration > self.history[0][0]
+        judged = self.judged()
+        has_fallen = bool(judged) and best_iteration > judged[0][0]
         waited = iteration - best_iteration >= self.patience
         if self.enabled and has_fallen and waited and iteration >= self.min_iterations:
             self.reason = "plateau"

@@ -355,13 +355,22 @@ class RandCropResize(Randomizable, Transform):
     """Per slice, a random square crop covering ``area`` of the slice, resized back to the full size.
 
     (B, C, H, W) -> (B, C, H, W). The paper's crop is 100x100 out of 192x192 (about 0.27 of the area).
-    Implemented as one batched affine resampling (bilinear), so it runs on the device of the input.
+    Implemented as one batched affine resampling (bilinear), so it runs on the device of the input. ``area`` may be
+    changed between calls (pretrain.yaml's crop schedule does).
     """
 
     def __init__(self, area: float = 0.27, prob: float = 1.0):
-        if not 0.0 < area <= 1.0:
-            raise ValueError(f"area must be in (0, 1], got {area}.")
         self.area, self.prob = area, prob
+
+    @property
+    def area(self) -> float:
+        return self._area
+
+    @area.setter
+    def area(self, value: float) -> None:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"area must be in (0, 1], got {value}.")
+        self._area = float(value)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
