@@ -51,7 +51,7 @@ def workspace(tmp_path_factory):
                               *TINY, "--global#max_iterations", "4", "--local#max_iterations", "4",
                               "--pretrain_epoch_length", "2", "--global#volumes_per_batch", "2",
                               "--local#volumes_per_batch", "2", "--global#hidden_features", "16",
-                              "--global#embedding_features", "8")
+                              "--global#embedding_features", "8", "--global#lr_decay", "cosine")
     logs["train"] = bundle(work, "run", "--config_file", config("train.yaml"), *paths, *TINY, "--max_epochs", "2",
                            "--iterations_per_epoch", "2", "--batch_size", "4")
     logs["evaluate"] = bundle(work, "run", "--config_file", config("train.yaml", "evaluate.yaml"), *paths, *TINY)
@@ -76,7 +76,7 @@ def test_pretraining_writes_both_stages(workspace):
             assert torch.equal(g[k], loc[k]), k
     assert any(not torch.equal(g[k], loc[k]) for k in g if k.startswith("decoder.2."))
     # each stage says when and why it stopped after 4 iterations: the global stage at the end of its cosine schedule
-    # (pretrain.yaml's lr_decay), the local stage (constant learning rate) at its budget
+    # (lr_decay cosine, set above), the local stage (constant learning rate) at its budget
     for stage, reason in (("global", "schedule"), ("local", "budget")):
         stop = json.loads((work / "eval" / f"pretrain_{stage}_stop.json").read_text())
         assert stop["stage"] == stage and stop["reason"] == reason and stop["iteration"] == 4

@@ -14,10 +14,11 @@ C=bundle/configs
 
 # ---- the demo's budget: command-line overrides of the configs' CPU-scale defaults, so the whole demo fits in
 # ---- 15 minutes on 2 CPU cores (model card, "Performance": the stage times of a run)
-# pre-training: each stage stops on the plateau of its running loss (scripts.engines.PlateauStop), within a budget
-# (global: where its cosine learning-rate decay ends); a patience of 100 iterations (configs: global 300) ends the
-# global stage one epoch after its last fall of 2%
+# pre-training: each stage stops on the plateau of its running loss (scripts.engines.PlateauStop), within a budget;
+# a patience of 100 iterations (configs: global 300) ends the global stage one epoch after its last fall of 2%; the
+# global crop ramp is scaled with the budget (configs: 400 of 2000 iterations)
 PRETRAIN=(--global#max_iterations 600 --global#min_iterations 200 --global#patience 100
+          --global#crop_ramp_iterations 120
           --local#max_iterations 200 --local#min_iterations 100 --local#patience 100)
 FINETUNE=(--max_epochs 3 --iterations_per_epoch 50)          # each fine-tuning: 3 x 50 = 150 steps of 10 slices
 SUBSETS=(labelled_1_0 labelled_1_1 labelled_2_0 labelled_2_1)  # datalist keys labelled_<|XL|>_<subset>
