@@ -103,7 +103,7 @@ def test_plateau_stop_reports_the_end_of_a_decaying_schedule(tmp_path):
     assert engine.state.iteration == 40 and json.loads(report.read_text())["reason"] == "plateau"
 
 
-def test_plateau_stop_judges_only_the_losses_after_start_iteration():
+def test_plateau_stop_judges_only_the_losses_after_start_iteration(tmp_path):
     # a crop ramp over 30 iterations: the loss falls, then rises as the task gets harder, then falls and flattens
     ramp_then_train = [3.0] * 10 + [2.5] * 10 + [3.1] * 10 + [2.9] * 10 + [2.6] * 80
     engine = _run_with_losses(ramp_then_train, PlateauStop("global", patience=30))
@@ -111,6 +111,11 @@ def test_plateau_stop_judges_only_the_losses_after_start_iteration():
     stop = PlateauStop("global", patience=30, start_iteration=30)
     engine = _run_with_losses(ramp_then_train, stop)
     assert engine.state.iteration == 80 and stop.best() == (50, pytest.approx(2.6))  # the fall after the ramp, then 30 flat
+    report = tmp_path / "stop.json"  # a stage that ends within the ramp has no best running loss to report
+    _run_with_losses(ramp_then_train[:30], PlateauStop("global", patience=30, start_iteration=30, report=str(report)))
+    saved = json.loads(report.read_text())
+    assert saved["reason"] == "budget" and saved["best_loss"] is None and saved["best_iteration"] is None
+    assert "before the plateau rule judged a running loss" in saved["explanation"]
 
 
 def test_plateau_stop_carries_its_history_across_a_resume():

@@ -147,7 +147,7 @@ class PlateauStop:
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
     {"stage", "reason": "plateau" | "budget" | "schedule", "iteration", "loss" (last running loss), "best_loss",
-    "best_iteration", "seconds", "history": [[iteration, running loss], ...]}. ``state_dict`` /
+    "best_iteration" (null when no running loss was judged), "seconds", "history": [[iteration, running loss], ...]}. ``state_dict`` /
     ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
     """
 
@@ -221,10 +221,14 @@ class PlateauStop:
         from scripts.checkpoints import _rank, atomic_write_json
 
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
-        best_iteration, best_loss = self.best()
+        judged = bool(self.judged())
+        best_iteration, best_loss = self.best() if judged else (None, None)
         if self.reason == "plateau":
             why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% of its first value since "
                    f"iteration {best_iteration} ({best_loss:.3f}), for {iteration - best_iteration} iterations")
+        elif not judged:  # ended within the crop ramp (or the first epoch): no running loss was judged
+            why = (f"{self.reason}: max_iterations reached before the plateau rule judged a running loss (it judges "
+                   f"those after iteration {self.start_iteration})")
         elif self.reason == "schedule":
             why = (f"schedule: max_iterations reached, where the learning rate has decayed to 0 (best running loss "
                    f"{best_loss:.3f} at iteration {best_iteration})")
