@@ -78,7 +78,9 @@ def test_plateau_stop_waits_for_min_iterations_and_reports_the_budget(tmp_path):
     flat = [3.2] * 100  # the chance level from the start: no fall, so no plateau
     report = tmp_path / "stop.json"
     engine = _run_with_losses(flat, PlateauStop("global", min_iterations=0, patience=20, report=str(report)))
-    assert engine.state.iteration == 100 and json.loads(report.read_text())["reason"] == "budget"
+    saved = json.loads(report.read_text())
+    assert engine.state.iteration == 100 and saved["reason"] == "budget"
+    assert "never fell" in saved["explanation"] and "not converged" in saved["explanation"]
     fall_then_flat = [3.2] * 10 + [2.0] * 90
     engine = _run_with_losses(fall_then_flat, PlateauStop("global", min_iterations=60, patience=20))
     assert engine.state.iteration == 60  # a plateau from iteration 20 on, but not before min_iterations

@@ -87,6 +87,10 @@ def test_paired_gains_per_subset_and_per_size(tmp_path, capsys):
             "history": [[100, 3.22], [300, 3.21]]}
     (stops / "pretrain_global_stop.json").write_text(json.dumps(flat))
     assert "global stage: stopped on a plateau at its starting loss: did NOT learn" in stop_summary(str(stops))
+    stuck = {**flat, "iteration": 2000, "reason": "budget", "history": [[100, 3.19], [1000, 3.22], [2000, 3.22]]}
+    (stops / "pretrain_global_stop.json").write_text(json.dumps(stuck))   # a collapse that the budget ends
+    assert ("global stage: did NOT converge (iteration budget spent), its loss still near its first: did NOT learn"
+            in stop_summary(str(stops)))
     ended = {"stage": "global", "iteration": 1800, "reason": "schedule", "loss": 0.2}
     (stops / "pretrain_global_stop.json").write_text(json.dumps(ended))
     assert "global stage: ran its learning-rate schedule to the end (decayed to 0) at iteration 1800" in stop_summary(

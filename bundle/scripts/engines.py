@@ -160,7 +160,8 @@ class PlateauStop:
         self.min_iterations, self.patience, self.min_delta = int(min_iterations), int(patience), float(min_delta)
         self.start_iteration = int(start_iteration)
         self.history: list[list[float]] = []  # [iteration, running loss] after each epoch
-        self.reason, self._sum, self._count, self._started = "budget", 0.0, 0, 0.0
+        self.reason: str | None = None  # set when the stage starts, "plateau" when the rule stops it
+        self._sum, self._count, self._started = 0.0, 0, 0.0
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -195,10 +196,11 @@ class PlateauStop:
         """The [iteration, running loss] entries the rule judges: those after ``start_iteration``."""
         return [h for h in self.history if h[0] > self.start_iteration]
 
-    def best(self) -> tuple[int, float]:
-        """(iteration, running loss) of the lowest judged running loss so far, counting only falls of at least
-        ``min_delta`` x the first judged running loss; (0, inf) before the first."""
-        judged = self.judged()
+    def best(self, judged: list[list[float]] | None = None) -> tuple[int, float]:
+        """(iteration, running loss) of the lowest judged running loss so far (``judged``: ``self.judged()`` when
+        not given), counting only falls of at least ``min_delta`` x the first judged running loss; (0, inf) before
+        the first."""
+        judged = self.judged() if judged is None else judged
         best_iteration, best_loss = 0, float("inf")
         step = self.min_delta * abs(judged[0][1]) if judged else 0.0
         for iteration, loss in judged:
@@ -209,8 +211,8 @@ class PlateauStop:
     def _epoch_completed(self, engine) -> None:
         iteration = engine.state.iteration
         self.history.append([iteration, self._running_loss()])
-        best_iteration, _ = self.best()
         judged = self.judged()
+        best_iteration, _ = self.best(judged)
         has_fallen = bool(judged) and best_iteration > judged[0][0]
         waited = iteration - best_iteration >= self.patience
         if self.enabled and has_fallen and waited and iteration >= self.min_iterations:
@@ -234,12 +236,17 @@ class PlateauStop:
                    f"{best_loss:.3f} at iteration {best_iteration})")
         elif not self.enabled:
             why = "budget: max_iterations reached; the plateau rule is off"
+        elif best_iteration == self.judged()[0][0]:  # e.g. the global loss stuck at its chance level
+            why = (f"budget: max_iterations reached, and the running loss never fell by {100 * self.min_delta:g}% "
+                   f"of its first judged value ({best_loss:.3f} at iteration {best_iteration}): the stage has not "
+                   f"left its starting level, not converged")
         elif iteration - best_iteration < self.patience:
             why = (f"budget: max_iterations reached while the running loss was still falling (best {best_loss:.3f} "
                    f"at iteration {best_iteration}): not converged")
         else:
             why = "budget: max_iterations reached"
-        logger.info(f"pretrain-{self.stage}: stopped at iteration {int(iteration)}, running loss {loss:.3f} ({why})")
+        log = logger.warning if "not converged" in why else logger.info
+        log(f"pretrain-{self.stage}: stopped at iteration {int(iteration)}, running loss {loss:.3f} ({why})")
         if self.report and _rank() == 0:
             atomic_write_json({
                 "stage": self.stage, "reason": self.reason, "iteration": int(iteration), "loss": loss,

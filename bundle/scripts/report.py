@@ -105,8 +105,8 @@ NO_LEARNING = 0.05  # a plateau whose running loss is within 5% of the stage's f
 def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -> str:
     """One line per pre-training stage from ``<output_dir>/pretrain_<stage>_stop.json`` (written when the stage
     stops: {"stage", "iteration", "reason": "plateau" | "budget" | "schedule", "loss", "history", ...}): whether it
-    converged or ran its learning-rate schedule to the end, and whether a plateau sits at the stage's first running
-    loss (``NO_LEARNING``), i.e. the stage never learned."""
+    converged or ran its learning-rate schedule to the end, and whether its last running loss is still within
+    ``NO_LEARNING`` of its first, i.e. the stage never learned."""
     lines = []
     for stage in stages:
         path = os.path.join(output_dir, STOP_FILE.format(stage=stage))
@@ -120,8 +120,9 @@ def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -
             stop.get("reason"), f"stopped for an unknown reason {stop.get('reason')!r}")
         history = stop.get("history") or []
         start = f" (first running loss {history[0][1]:.3f})" if history else ""
-        if stop.get("reason") == "plateau" and history and history[-1][1] > (1.0 - NO_LEARNING) * history[0][1]:
-            verdict = "stopped on a plateau at its starting loss: did NOT learn"
+        if history and history[-1][1] > (1.0 - NO_LEARNING) * history[0][1]:
+            verdict = ("stopped on a plateau at its starting loss" if stop.get("reason") == "plateau"
+                       else f"{verdict}, its loss still near its first") + ": did NOT learn"
         lines.append(f"- {stage} stage: {verdict} at iteration {stop.get('iteration')}, running loss "
                      f"{float(stop.get('loss', float('nan'))):.3f}{start}")
     return "\n".join(lines)
