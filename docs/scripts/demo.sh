@@ -16,7 +16,8 @@ C=bundle/configs
 # ---- 15 minutes on 2 CPU cores (model card, "Performance": the stage times of a run)
 # pre-training: each stage stops on the plateau of its running loss (scripts.engines.PlateauStop), within a budget;
 # a patience of 100 iterations (configs: global 300) ends the global stage one epoch after its last fall of 2%; the
-# global crop ramp is scaled with the budget (configs: 400 of 2000 iterations)
+# global crop ramp is scaled with the budget (configs: 400 of 2000 iterations); the learning-rate warm-up is not (the
+# configs' 200 iterations: it is there to get past the first steps, where the embeddings would collapse)
 PRETRAIN=(--global#max_iterations 600 --global#min_iterations 200 --global#patience 100
           --global#crop_ramp_iterations 120
           --local#max_iterations 200 --local#min_iterations 100 --local#patience 100)
