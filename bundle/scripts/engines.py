@@ -223,8 +223,8 @@ class PlateauStop:
         from scripts.checkpoints import _rank, atomic_write_json
 
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
-        judged = bool(self.judged())
-        best_iteration, best_loss = self.best() if judged else (None, None)
+        judged = self.judged()
+        best_iteration, best_loss = self.best(judged) if judged else (None, None)
         if self.reason == "plateau":
             why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% of its first value since "
                    f"iteration {best_iteration} ({best_loss:.3f}), for {iteration - best_iteration} iterations")
@@ -236,7 +236,7 @@ class PlateauStop:
                    f"{best_loss:.3f} at iteration {best_iteration})")
         elif not self.enabled:
             why = "budget: max_iterations reached; the plateau rule is off"
-        elif best_iteration == self.judged()[0][0]:  # e.g. the global loss stuck at its chance level
+        elif best_iteration == judged[0][0]:  # never fell, e.g. the global loss stuck at its chance level
             why = (f"budget: max_iterations reached, and the running loss never fell by {100 * self.min_delta:g}% "
                    f"of its first judged value ({best_loss:.3f} at iteration {best_iteration}): the stage has not "
                    f"left its starting level, not converged")
