@@ -1,13 +1,18 @@
-"""The prepare_batch functions and the loss adapter that let SupervisedTrainer run fine-tuning and pre-training."""
+"""The prepare_batch functions and the loss adapter that let SupervisedTrainer run fine-tuning and pre-training, and
+the pre-training stage's stopping rule and learning-rate schedule."""
 
 import json
+import os
 
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
 
 from scripts.engines import AugmentedBatch, ContrastiveViews, MetadataLoss, PlateauStop
 from scripts.losses import GlobalContrastiveLoss, LocalContrastiveLoss
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
 
 
 def _batch(b=6):
@@ -127,3 +132,21 @@ def test_plateau_stop_carries_its_history_across_a_resume():
     resumed.load_state_dict(stop.state_dict())
     assert resumed.history == stop.history and resumed.best() == (10, 2.0)
     assert _run_with_losses([2.0] * 30, resumed).state.iteration == 30  # never fell: no plateau
+
+
+@pytest.mark.parametrize("decay, expected", [("none", [0, 0.25, 0.5, 0.75, 1, 1, 1, 1, 1, 1]),
+                                             ("cosine", [0, 0.25, 0.5, 0.75, 1, 0.933, 0.75, 0.5, 0.25, 0.067])])
+def test_global_learning_rate_follows_the_warm_up_and_decay_of_pretrain_yaml(decay, expected):
+    """pretrain.yaml's schedule, stepped once per iteration: linear warm-up from 0 over warmup_iterations, then
+    constant (lr_decay none) or a half cosine that reaches 0 at max_iterations."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "pretrain.yaml")])
+    parser.update({"global#learning_rate": 0.002, "global#warmup_iterations": 4, "global#max_iterations": 10,
+                   "global#lr_decay": decay, "device": "cpu"})
+    optimizer, schedule = parser.get_parsed_content("global#optimizer"), parser.get_parsed_content("global#lr_schedule")
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.002 * f for f in expected], abs=1e-5)
