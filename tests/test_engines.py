@@ -117,7 +117,8 @@ def test_plateau_stop_judges_only_the_losses_after_start_iteration(tmp_path):
     assert engine.state.iteration == 50  # judged from the start, the easy epoch at 20 is never beaten: a wrong stop
     stop = PlateauStop("global", patience=30, start_iteration=30)
     engine = _run_with_losses(ramp_then_train, stop)
-    assert engine.state.iteration == 80 and stop.best() == (50, pytest.approx(2.6))  # the fall after the ramp, then 30 flat
+    # the fall after the ramp, then 30 iterations flat
+    assert engine.state.iteration == 80 and stop.best() == (50, pytest.approx(2.6))
     report = tmp_path / "stop.json"  # a stage that ends within the ramp has no best running loss to report
     _run_with_losses(ramp_then_train[:30], PlateauStop("global", patience=30, start_iteration=30, report=str(report)))
     saved = json.loads(report.read_text())

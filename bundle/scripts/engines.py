@@ -147,8 +147,8 @@ class PlateauStop:
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
     {"stage", "reason": "plateau" | "budget" | "schedule", "iteration", "loss" (last running loss), "best_loss",
-    "best_iteration" (null when no running loss was judged), "seconds", "history": [[iteration, running loss], ...]}. ``state_dict`` /
-    ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
+    "best_iteration" (both null when no running loss was judged), "seconds", "history": [[iteration, running loss],
+    ...]}. ``state_dict`` / ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
     """
 
     def __init__(self, stage: str, enabled: bool = True, min_iterations: int = 0, patience: int = 300,
@@ -208,12 +208,17 @@ class PlateauStop:
                 best_iteration, best_loss = int(iteration), loss
         return best_iteration, best_loss
 
+    @staticmethod
+    def _has_fallen(judged: list[list[float]], best_iteration: int) -> bool:
+        """Whether the best judged running loss (``best``) came after the first judged one: the loss has fallen."""
+        return bool(judged) and best_iteration > judged[0][0]
+
     def _epoch_completed(self, engine) -> None:
         iteration = engine.state.iteration
         self.history.append([iteration, self._running_loss()])
         judged = self.judged()
         best_iteration, _ = self.best(judged)
-        has_fallen = bool(judged) and best_iteration > judged[0][0]
+        has_fallen = self._has_fallen(judged, best_iteration)
         waited = iteration - best_iteration >= self.patience
         if self.enabled and has_fallen and waited and iteration >= self.min_iterations:
             self.reason = "plateau"
@@ -236,7 +241,7 @@ class PlateauStop:
                    f"{best_loss:.3f} at iteration {best_iteration})")
         elif not self.enabled:
             why = "budget: max_iterations reached; the plateau rule is off"
-        elif best_iteration == judged[0][0]:  # never fell, e.g. the global loss stuck at its chance level
+        elif not self._has_fallen(judged, best_iteration):  # e.g. the global loss stuck at its chance level
             why = (f"budget: max_iterations reached, and the running loss never fell by {100 * self.min_delta:g}% "
                    f"of its first judged value ({best_loss:.3f} at iteration {best_iteration}): the stage has not "
                    f"left its starting level, not converged")
