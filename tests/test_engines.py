@@ -76,6 +76,7 @@ def test_plateau_stop_stops_once_the_running_loss_stops_falling(tmp_path):
     assert engine.state.iteration == 90
     saved = json.loads(report.read_text())
     assert saved["reason"] == "plateau" and saved["iteration"] == 90 and saved["best_iteration"] == 60
+    assert saved["converged"] is True
     assert saved["loss"] == pytest.approx(1.0) and len(saved["history"]) == 9
 
 
@@ -86,6 +87,7 @@ def test_plateau_stop_waits_for_min_iterations_and_reports_the_budget(tmp_path):
     saved = json.loads(report.read_text())
     assert engine.state.iteration == 100 and saved["reason"] == "budget"
     assert "never fell" in saved["explanation"] and "not converged" in saved["explanation"]
+    assert saved["converged"] is False
     fall_then_flat = [3.2] * 10 + [2.0] * 90
     engine = _run_with_losses(fall_then_flat, PlateauStop("global", min_iterations=60, patience=20))
     assert engine.state.iteration == 60  # a plateau from iteration 20 on, but not before min_iterations
@@ -93,8 +95,10 @@ def test_plateau_stop_waits_for_min_iterations_and_reports_the_budget(tmp_path):
     engine = _run_with_losses(falling, PlateauStop("local", min_iterations=0, patience=20, report=str(report)))
     saved = json.loads(report.read_text())
     assert engine.state.iteration == 100 and saved["reason"] == "budget" and "not converged" in saved["explanation"]
+    assert saved["converged"] is False
     engine = _run_with_losses(flat, PlateauStop("local", enabled=False, patience=10, report=str(report)))
-    assert engine.state.iteration == 100 and json.loads(report.read_text())["reason"] == "budget"
+    saved = json.loads(report.read_text())
+    assert engine.state.iteration == 100 and saved["reason"] == "budget" and saved["converged"] is None
 
 
 def test_plateau_stop_reports_the_end_of_a_decaying_schedule(tmp_path):

@@ -71,7 +71,7 @@ def test_crop_resize_identity_at_full_area_and_zoom_otherwise():
     y = crop(torch.arange(32.0).repeat(6, 1, 32, 1))  # a ramp: a crop of half the side, resized back, halves its slope
     slope = (y[:, 0, 16, 20] - y[:, 0, 16, 10]) / 10
     torch.testing.assert_close(slope, torch.full((6,), 0.5), atol=0.02, rtol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="global#crop_area_start"):  # names the settings a user can fix
         RandCropResize(area=0.0)
 
 

@@ -37,7 +37,8 @@ class ContrastiveViews:
     V views of one slice share it (view-major order: all first views, then all second views, ...).
     """
 
-    def __init__(self, augment: Callable[[torch.Tensor], torch.Tensor], num_views: int = 2, channels_last: bool = False):
+    def __init__(self, augment: Callable[[torch.Tensor], torch.Tensor], num_views: int = 2,
+                 channels_last: bool = False):
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}.")
         self.augment, self.num_views, self.channels_last = augment, num_views, channels_last
@@ -75,7 +76,10 @@ class AugmentedBatch:
 
 
 class MetadataLoss(nn.Module):
-    """Calls ``loss(pred, **metadata)`` for the metadata keys ``loss.forward`` accepts (trainer: ``loss(pred, target)``)."""
+    """Calls ``loss(pred, **metadata)`` for the metadata keys ``loss.forward`` accepts.
+
+    The trainer calls it as ``loss(pred, target)``, where ``target`` is the batch's metadata dict.
+    """
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -147,8 +151,10 @@ class PlateauStop:
 
     When the stage ends, the reason is logged and written (rank 0, atomically) to ``report`` as JSON:
     {"stage", "reason": "plateau" | "budget" | "schedule", "iteration", "loss" (last running loss), "best_loss",
-    "best_iteration" (both null when no running loss was judged), "seconds", "history": [[iteration, running loss],
-    ...]}. ``state_dict`` / ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
+    "best_iteration" (both null when no running loss was judged), "converged" (true: a plateau, or the budget reached
+    after one; false: the budget reached while the loss was still falling or had never fallen, also logged as a
+    warning; null: the rule is off or judged nothing), "seconds", "history": [[iteration, running loss], ...]}.
+    ``state_dict`` / ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
     """
 
     def __init__(self, stage: str, enabled: bool = True, min_iterations: int = 0, patience: int = 300,
@@ -230,7 +236,9 @@ class PlateauStop:
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
         judged = self.judged()
         best_iteration, best_loss = self.best(judged) if judged else (None, None)
+        converged = None  # True / False where the running losses tell; None where they cannot (no rule, no losses)
         if self.reason == "plateau":
+            converged = True
             why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% of its first value since "
                    f"iteration {best_iteration} ({best_loss:.3f}), for {iteration - best_iteration} iterations")
         elif not judged:  # ended within the crop ramp (or the first epoch): no running loss was judged
@@ -245,16 +253,19 @@ class PlateauStop:
             why = (f"budget: max_iterations reached, and the running loss never fell by {100 * self.min_delta:g}% "
                    f"of its first judged value ({best_loss:.3f} at iteration {best_iteration}): the stage has not "
                    f"left its starting level, not converged")
+            converged = False
         elif iteration - best_iteration < self.patience:
             why = (f"budget: max_iterations reached while the running loss was still falling (best {best_loss:.3f} "
                    f"at iteration {best_iteration}): not converged")
+            converged = False
         else:
             why = "budget: max_iterations reached"
-        log = logger.warning if "not converged" in why else logger.info
+            converged = True
+        log = logger.warning if converged is False else logger.info
         log(f"pretrain-{self.stage}: stopped at iteration {int(iteration)}, running loss {loss:.3f} ({why})")
         if self.report and _rank() == 0:
             atomic_write_json({
                 "stage": self.stage, "reason": self.reason, "iteration": int(iteration), "loss": loss,
-                "best_loss": best_loss, "best_iteration": best_iteration,
+                "best_loss": best_loss, "best_iteration": best_iteration, "converged": converged,
                 "seconds": round(time.perf_counter() - self._started, 1), "explanation": why,
                 "history": self.history}, self.report)

@@ -369,7 +369,8 @@ class RandCropResize(Randomizable, Transform):
     @area.setter
     def area(self, value: float) -> None:
         if not 0.0 < value <= 1.0:
-            raise ValueError(f"area must be in (0, 1], got {value}.")
+            raise ValueError(f"The crop area (pretrain.yaml: global#crop_area, and global#crop_area_start where "
+                             f"its ramp begins) must be in (0, 1], got {value}.")
         self._area = float(value)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
