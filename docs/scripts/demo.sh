@@ -15,10 +15,11 @@ C=bundle/configs
 # ---- the demo's budget: command-line overrides of the configs' CPU-scale defaults, so the whole demo fits in
 # ---- 15 minutes on 2 CPU cores (model card, "Performance": the stage times of a run)
 # pre-training: each stage stops on the plateau of its running loss (scripts.engines.PlateauStop), within a budget;
-# a patience of 100 iterations (configs: global 300) ends the global stage one epoch after its last fall of 2%; the
-# global crop ramp is scaled with the budget (configs: 400 of 2000 iterations); the learning-rate warm-up is not (the
-# configs' 200 iterations: it is there to get past the first steps, where the embeddings would collapse)
-PRETRAIN=(--global#max_iterations 600 --global#min_iterations 200 --global#patience 100
+# a patience of 200 iterations (configs: global 300) ends the global stage two epochs after its last fall of 2% (with
+# one epoch, a single epoch's noise would stop it); the global crop ramp is scaled with the budget (configs: 400 of
+# 2000 iterations); the learning-rate warm-up is not (the configs' 200 iterations: it is there to get past the first
+# steps, where the embeddings would collapse)
+PRETRAIN=(--global#max_iterations 600 --global#min_iterations 200 --global#patience 200
           --global#crop_ramp_iterations 120
           --local#max_iterations 200 --local#min_iterations 100 --local#patience 100)
 FINETUNE=(--max_epochs 3 --iterations_per_epoch 50)          # each fine-tuning: 3 x 50 = 150 steps of 10 slices
