@@ -153,7 +153,8 @@ class PlateauStop:
     {"stage", "reason": "plateau" | "budget" | "schedule", "iteration", "loss" (last running loss), "best_loss",
     "best_iteration" (both null when no running loss was judged), "converged" (true: a plateau, or the budget reached
     after one; false: the budget reached while the loss was still falling or had never fallen, also logged as a
-    warning; null: the rule is off or judged nothing), "seconds", "history": [[iteration, running loss], ...]}.
+    warning; null: the rule is off, judged nothing, or the decay ended at "schedule"), "seconds", "history":
+    [[iteration, running loss], ...]}.
     ``state_dict`` / ``load_state_dict`` carry the history across a resume (``TrainingState``'s save_dict).
     """
 
@@ -236,7 +237,7 @@ class PlateauStop:
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
         judged = self.judged()
         best_iteration, best_loss = self.best(judged) if judged else (None, None)
-        converged = None  # True / False where the running losses tell; None where they cannot (no rule, no losses)
+        converged = None  # True / False where the running losses tell; None otherwise (no rule, no losses, schedule)
         if self.reason == "plateau":
             converged = True
             why = (f"plateau: the running loss has not fallen by {100 * self.min_delta:g}% of its first value since "
