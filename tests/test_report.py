@@ -91,6 +91,15 @@ def test_paired_gains_per_subset_and_per_size(tmp_path, capsys):
     (stops / "pretrain_global_stop.json").write_text(json.dumps(stuck))   # a collapse that the budget ends
     assert ("global stage: did NOT converge (iteration budget spent), its loss still near its first: did NOT learn"
             in stop_summary(str(stops)))
+    # the budget ended after the loss had been flat for its patience: the flag, not the reason, says converged
+    flat_at_budget = {**stuck, "history": [[100, 3.0], [1000, 1.0], [2000, 1.0]], "loss": 1.0}
+    (stops / "pretrain_global_stop.json").write_text(json.dumps({**flat_at_budget, "converged": True}))
+    assert "global stage: converged (loss flat for its patience when the iteration budget ended)" in stop_summary(
+        str(stops))
+    (stops / "pretrain_global_stop.json").write_text(json.dumps({**flat_at_budget, "converged": None}))
+    assert "global stage: ran its iteration budget; convergence not judged" in stop_summary(str(stops))
+    (stops / "pretrain_global_stop.json").write_text(json.dumps({**flat_at_budget, "converged": False}))
+    assert "global stage: did NOT converge (iteration budget spent) at iteration 2000" in stop_summary(str(stops))
     ended = {"stage": "global", "iteration": 1800, "reason": "schedule", "loss": 0.2}
     (stops / "pretrain_global_stop.json").write_text(json.dumps(ended))
     assert "global stage: ran its learning-rate schedule to the end (decayed to 0) at iteration 1800" in stop_summary(

@@ -104,9 +104,10 @@ NO_LEARNING = 0.05  # a plateau whose running loss is within 5% of the stage's f
 
 def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -> str:
     """One line per pre-training stage from ``<output_dir>/pretrain_<stage>_stop.json`` (written when the stage
-    stops: {"stage", "iteration", "reason": "plateau" | "budget" | "schedule", "loss", "history", ...}): whether it
-    converged or ran its learning-rate schedule to the end, and whether its last running loss is still within
-    ``NO_LEARNING`` of its first, i.e. the stage never learned."""
+    stops: {"stage", "iteration", "reason": "plateau" | "budget" | "schedule", "loss", "history", "converged", ...}):
+    whether it converged or ran its learning-rate schedule to the end, and whether its last running loss is still
+    within ``NO_LEARNING`` of its first, i.e. the stage never learned. A budget stop is judged by its ``converged``
+    flag (``scripts.engines.PlateauStop``); records without one count as not converged."""
     lines = []
     for stage in stages:
         path = os.path.join(output_dir, STOP_FILE.format(stage=stage))
@@ -118,6 +119,10 @@ def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -
         verdict = {"plateau": "converged (loss plateau)", "budget": "did NOT converge (iteration budget spent)",
                    "schedule": "ran its learning-rate schedule to the end (decayed to 0)"}.get(
             stop.get("reason"), f"stopped for an unknown reason {stop.get('reason')!r}")
+        if stop.get("reason") == "budget" and "converged" in stop:  # records written before the flag have none
+            verdict = {True: "converged (loss flat for its patience when the iteration budget ended)",
+                       None: "ran its iteration budget; convergence not judged (plateau rule off, or no running "
+                             "loss judged)"}.get(stop["converged"], verdict)
         history = stop.get("history") or []
         start = f" (first running loss {history[0][1]:.3f})" if history else ""
         if history and history[-1][1] > (1.0 - NO_LEARNING) * history[0][1]:
