@@ -187,7 +187,8 @@ def pca_2d(embeddings: np.ndarray) -> np.ndarray:
 def selection_rows(cases: Sequence[Mapping], distances: np.ndarray, chosen: Sequence[int],
                    points: np.ndarray) -> list[dict]:
     """One CSV row per pool volume: image, patient, chosen (1/0), pick (1-based order, or empty), typicality,
-    distance_to_chosen (cosine distance to its nearest chosen volume), nearest_chosen (that volume's image), pc1, pc2."""
+    distance_to_chosen (cosine distance to its nearest chosen volume), nearest_chosen (that volume's image), pc1,
+    pc2 (``points`` (N, 2), the picture's coordinates)."""
     pick = {index: order + 1 for order, index in enumerate(chosen)}
     nearest = np.asarray(chosen)[distances[:, list(chosen)].argmin(1)]
     typical = typicality(distances)
@@ -314,7 +315,8 @@ def run_selection(encoder: UNet2D, volumes, datalist_file: str, pool_key: str, n
     points = pca_2d(embeddings)
     rows = selection_rows(stored, distances, chosen, points)
     csv_file = write_csv(rows, os.path.join(output_dir, f"{key}.csv"))
-    title = f"{rule}, {num_labelled} of {len(stored)}: mean distance to nearest chosen {coverage(distances, chosen):.3f}"
+    cost = coverage(distances, chosen)
+    title = f"{rule}, {num_labelled} of {len(stored)}: mean distance to the nearest chosen {cost:.3f}"
     png_file = plot_selection(points, chosen, title, os.path.join(output_dir, f"{key}.png"))
     picked = [stored[i] for i in chosen]
     write_datalist_key(datalist_file, key, picked)
