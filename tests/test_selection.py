@@ -1,5 +1,7 @@
 """Which volumes to label first (scripts/selection.py, configs/select.yaml).
 
+MONAI Label's strategy (scripts/active_learning.py) on a stand-in datastore: the medoid first, then another
+unlabelled image once that one is labelled, None when all are (the real server: tests/monailabel_server).
 Unit level, on toy embeddings: the rules (k = 1 gives the medoid, two clusters give one volume each, fixed volumes are
 kept and never chosen again, the swaps never do worse than the greedy choice), the partition pooling, the picture
 without matplotlib, the datalist write that keeps every other key.
@@ -224,3 +226,42 @@ def test_too_many_volumes_is_refused_before_any_embedding(selected, tmp_path):
     assert str(find_bundle_error(error.value)).startswith(
         "--num_labelled 5 is not between 1 and the 4 volume(s) of the pool 'labelled_all'")
     assert not os.listdir(tmp_path)
+
+
+class FakeDatastore:
+    """What CoverageStrategy reads of MONAI Label's Datastore: image ids, the labelled ones, each image's file."""
+
+    def __init__(self, files: dict, labelled=()):
+        self.files, self.labelled = files, set(labelled)
+
+    def list_images(self):
+        return list(self.files)
+
+    def get_labeled_images(self):
+        return sorted(self.labelled)
+
+    def get_image_uri(self, image_id):
+        return self.files[image_id]
+
+
+def test_monai_label_strategy_answers_unlabelled_images_around_the_labelled_ones(selected, tmp_path):
+    from scripts.active_learning import CoverageStrategy
+
+    work, data, paths, _ = selected
+    pool = json.loads((work / "data" / "datalist.json").read_text())["labelled_all"]
+    files = {case["patient"]: str(work / "data" / case["image"]) for case in pool}
+    checkpoint = str(work / "run" / "models" / "pretrained_local.pt")
+    strategy = CoverageStrategy(os.path.join(br.ROOT, "bundle"), overrides={
+        "dataset_dir": str(work / "data"), "pretrained_checkpoint": checkpoint,
+        "encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]})
+    store = FakeDatastore(files)
+    first = strategy({"strategy": "coverage"}, store)
+    medoid = parsed_selection(work, data, paths, num_labelled=1, selection_key="selected_medoid",
+                              output_dir=str(tmp_path)).get_parsed_content("selection#run")
+    assert files[first] == str(work / "data" / medoid[0]["image"])   # nothing labelled: the select run's medoid
+    store.labelled.add(first)
+    second = strategy({"strategy": "coverage"}, store)
+    assert second in files and second != first
+    store.labelled.update(files)
+    assert strategy({"strategy": "coverage"}, store) is None
+    assert strategy.info()["description"]
