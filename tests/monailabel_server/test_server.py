@@ -437,3 +437,63 @@ def test_train_through_the_server_writes_the_model_the_next_infer_uses(server, t
     log(f"  /infer after /train: {changed:.4f} of the voxels changed label")
     assert changed > 0, "the /infer after training gives the old prediction: the new model.pt was not used"
     compare_with_ours(server, seg, "after /train", str(tmp_path))
+
+
+# ---------------------------------------------------------------- the cold-start strategy (its own server)
+# The lines docs/monailabel.md tells a user to add to the sample app's main.py (init_strategies), before its log line.
+COVERAGE_LINES = f'''        import sys  # the bundle's cold-start strategy: POST /activelearning/coverage (docs/monailabel.md)
+        bundle = self.models["{MODEL_NAME}"]
+        sys.path.insert(0, bundle)
+        from scripts.active_learning import CoverageStrategy
+        sys.path.remove(bundle)
+        strategies["coverage"] = CoverageStrategy(bundle)
+'''
+STRATEGIES_LOG_LINE = '        logger.info(f"Active Learning Strategies:: {list(strategies.keys())}")'
+
+
+def add_coverage_strategy(main_py: str) -> None:
+    with open(main_py) as f:
+        text = f.read()
+    assert STRATEGIES_LOG_LINE in text, f"{main_py}: init_strategies has changed; docs/monailabel.md needs updating"
+    with open(main_py, "w") as f:
+        f.write(text.replace(STRATEGIES_LOG_LINE, COVERAGE_LINES + STRATEGIES_LOG_LINE))
+
+
+def test_activelearning_coverage_answers_unlabelled_images_around_the_labelled_ones(synthetic, tmp_path_factory):
+    """A server of its own (its own studies folder, so the checks above see theirs unchanged), its app's main.py with
+    the documented lines: 2 more pool volumes are uploaded unlabelled (PUT /datastore/), then /activelearning/coverage
+    answers an unlabelled image; once that image has a final label (PUT /datastore/label), another unlabelled one."""
+    work, datalist = synthetic
+    srv = Server(str(tmp_path_factory.mktemp("monailabel_coverage")), work, datalist)
+    add_coverage_strategy(os.path.join(srv.app, "main.py"))
+    labels = {}
+    for item in datalist["labelled_all"] + datalist["test"]:
+        image_id = os.path.basename(item["image"]).replace(".nii.gz", "")
+        labels[image_id] = (os.path.join(srv.data_dir, item["image"]), os.path.join(srv.data_dir, item["label"]))
+    try:
+        srv.start()
+        info = srv.call("GET", "/info/").json()
+        assert "coverage" in info["strategies"], info["strategies"]
+        extra = [i for i in labels if i not in srv.labelled + srv.unlabelled]
+        assert len(extra) >= 1
+        for image_id in extra:
+            with open(labels[image_id][0], "rb") as f:
+                r = srv.call("PUT", f"/datastore/?image={image_id}", files={"file": (image_id + ".nii.gz", f)})
+            assert r.status_code == 200, r.text
+        unlabelled = set(srv.unlabelled) | set(extra)
+        r = srv.call("POST", "/activelearning/coverage", json={})
+        assert r.status_code == 200, r.text
+        first = r.json()["id"]
+        log(f"  /activelearning/coverage: {first} (unlabelled: {sorted(unlabelled)}; labelled: {srv.labelled})")
+        assert first in unlabelled
+        with open(labels[first][1], "rb") as f:
+            r = srv.call("PUT", f"/datastore/label?image={first}&tag=final",
+                         files={"label": (first + ".nii.gz", f)})
+        assert r.status_code == 200, r.text
+        r = srv.call("POST", "/activelearning/coverage", json={})
+        assert r.status_code == 200, r.text
+        second = r.json()["id"]
+        log(f"  /activelearning/coverage after labelling {first}: {second}")
+        assert second in unlabelled - {first}
+    finally:
+        srv.stop()
