@@ -19,6 +19,9 @@ benchmark on all labelled training volumes. It becomes a list of jobs:
 - ``<init>-xl<n>-subset<i>-seed<s>`` and ``<init>-xlall-seed<s>`` (the benchmark, ``--train_key labelled_all``):
   fine-tuning (``train.yaml``; model selection on the validation volumes) then evaluation (``evaluate.yaml``) on the
   test volumes.
+- with a ``selection`` section: ``select-<rule>-xl<n>-seed<s>`` (``select.yaml``: the pool embedded by the encoder of
+  the named initialisation's pre-training, n volumes chosen by the rule, written as the datalist key
+  ``selected_<rule>_<n>_seed<s>``), then ``<init>-xl<n>-<rule>-seed<s>``: fine-tuning + evaluation on those volumes.
 
 Pre-trainings come first; fine-tunings then go round by round (subset i of every |XL| for every initialisation), so an
 interrupted study has the same subsets for every initialisation. ``--workers N`` runs N jobs at a time, each as soon as
@@ -67,12 +70,13 @@ BUNDLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 CONFIGS = os.path.join(BUNDLE_DIR, "configs")
 GLOBAL_STRATEGIES = ("random", "domain_minus", "domain", "positional")
 LOCAL_STRATEGIES = ("random", "domain")
-STAGES = ("common", "prepare", "pretrain", "finetune", "evaluate")
+STAGES = ("common", "prepare", "pretrain", "select", "finetune", "evaluate")
+SELECTION_RULES = ("kmedoids", "kcenter", "typical", "random")   # scripts.selection.RULES (the bundle is not imported)
 # set by the runner for each job: a plan's protocol may not set them
 RESERVED = ("dataset_dir", "model_dir", "output_dir", "raw_dir", "seed", "num_labelled", "subset", "train_key",
             "use_pretrained", "pretrained_checkpoint", "global#strategy", "local#strategy", "local#global_checkpoint",
-            "checkpoint")
-DEFAULT_ESTIMATE = {"prepare": 20, "global": 240, "local": 60, "finetune": 120, "evaluate": 15}
+            "checkpoint", "selection_rule", "selection_key")
+DEFAULT_ESTIMATE = {"prepare": 20, "global": 240, "local": 60, "select": 30, "finetune": 120, "evaluate": 15}
 RESULTS, STAGES_FILE, COMMANDS, PLAN_COPY, LOCK = "results.jsonl", "stages.jsonl", "commands.log", "plan.yaml", ".lock"
 
 
@@ -94,7 +98,7 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
     """Check ``plan`` and fill in its defaults (see ``load_plan``)."""
     plan = json.loads(json.dumps(plan))  # a deep copy with string keys throughout
     known = {"name", "description", "experiment_dir", "dataset", "protocol", "env", "seeds", "initialisations",
-             "labelled", "benchmark", "examples", "estimate"}
+             "labelled", "benchmark", "examples", "estimate", "selection"}
     unknown = sorted(set(plan) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}.")
@@ -176,6 +180,7 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
         if missing:
             raise ValueError(f"{source}: benchmark names unknown initialisation(s) {missing}.")
     plan["benchmark"] = benchmark or None
+    plan["selection"] = _normalise_selection(plan.get("selection"), {i["name"]: i for i in inits}, source)
     if not plan["labelled"] and not plan["benchmark"]:
         raise ValueError(f"{source}: nothing to fine-tune: give labelled subsets or a benchmark.")
     examples = dict(plan.get("examples") or {})
@@ -186,13 +191,40 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
     return plan
 
 
+def _normalise_selection(selection: dict | None, inits: dict, source: str) -> dict | None:
+    """The plan's ``selection`` section checked: ``pretraining`` (the initialisation whose pre-trained encoder embeds
+    the pool; it needs a global stage), ``rules``, ``num_labelled`` (|XL| values) and ``initialisations`` (fine-tuned
+    on each selection; default: every one)."""
+    if not selection:
+        return None
+    selection = dict(selection)
+    unknown = sorted(set(selection) - {"pretraining", "rules", "num_labelled", "initialisations"})
+    if unknown:
+        raise ValueError(f"{source}: selection: unknown key(s) {unknown}.")
+    encoder = inits.get(str(selection.get("pretraining")))
+    if encoder is None or encoder["global"] is None:
+        raise ValueError(f"{source}: selection.pretraining must name an initialisation with a global stage, got "
+                         f"{selection.get('pretraining')!r}.")
+    selection["pretraining"] = encoder["name"]
+    selection["rules"] = [str(r) for r in selection.get("rules", ["kmedoids"])]
+    bad = sorted(set(selection["rules"]) - set(SELECTION_RULES))
+    selection["num_labelled"] = [int(n) for n in selection.get("num_labelled", [])]
+    if bad or not selection["rules"] or not selection["num_labelled"] or min(selection["num_labelled"]) < 1:
+        raise ValueError(f"{source}: selection needs rules among {SELECTION_RULES} and num_labelled sizes >= 1.")
+    selection["initialisations"] = [str(n) for n in selection.get("initialisations", list(inits))]
+    missing = sorted(set(selection["initialisations"]) - set(inits))
+    if missing:
+        raise ValueError(f"{source}: selection names unknown initialisation(s) {missing}.")
+    return selection
+
+
 # ---------------------------------------------------------------- jobs
 @dataclass
 class Job:
     """One unit of work: its subprocesses run in order in ``folder``; done when its ledger holds a line with ``id``."""
 
     id: str
-    kind: str                 # prepare | global | local | finetune
+    kind: str                 # prepare | global | local | select | finetune
     folder: str               # deleted and recreated before the job runs
     steps: list               # [(step name, command list)], run in order, each logged to <folder>/<step name>.log
     config: dict              # what defines the job's outcome (compared on restart); no paths
@@ -297,9 +329,12 @@ def build_jobs(plan: dict) -> list[Job]:
     finetune = {**protocol["common"], **protocol["finetune"]}
     evaluate = {**protocol["common"], **protocol["evaluate"]}
 
-    def finetune_job(init: dict, seed: int, size: int | None, subset: int | None) -> Job:
+    def finetune_job(init: dict, seed: int, size: int | None, subset: int | None, chosen: Job | None = None) -> Job:
         source = pretraining_job(init, seed)
-        if size is None:
+        if chosen is not None:   # the volumes a select job chose
+            rule = chosen.info["selection"]
+            jid, selection = f"{init['name']}-xl{size}-{rule}-seed{seed}", {"train_key": chosen.info["key"]}
+        elif size is None:
             jid, selection = f"{init['name']}-xlall-seed{seed}", {"train_key": "labelled_all"}
         else:
             jid, selection = f"{init['name']}-xl{size}-subset{subset}-seed{seed}", {"num_labelled": size,
@@ -324,13 +359,32 @@ def build_jobs(plan: dict) -> list[Job]:
                     "pretraining": source.id if source else None},
             info={"init": init["name"], "label": init["label"], "recipe": {"global": init["global"],
                                                                            "local": init["local"]},
-                  "seed": seed, "num_labelled": size if size is not None else "all", "subset": subset,
+                  "seed": seed, "num_labelled": size if size is not None else "all",
+                  "subset": chosen.info["selection"] if chosen else subset,
                   "train_key": selection.get("train_key", f"labelled_{size}_{subset}"),
                   "pretraining": source.id if source else None,
-                  "model_dir": os.path.join("runs", jid, "models"), "output_dir": os.path.join("runs", jid, "eval")},
-            needs=prepare + ((source.id,) if source else ()))
+                  "model_dir": os.path.join("runs", jid, "models"), "output_dir": os.path.join("runs", jid, "eval"),
+                  **({"selection": chosen.info["selection"]} if chosen else {})},
+            needs=prepare + ((source.id,) if source else ()) + ((chosen.id,) if chosen else ()))
+
+    def select_job(rule: str, size: int, seed: int) -> Job:
+        encoder = pretraining_job(by_name[plan["selection"]["pretraining"]], seed)
+        jid, key = f"select-{rule}-xl{size}-seed{seed}", f"selected_{rule}_{size}_seed{seed}"
+        folder = os.path.join(exp, "selection", jid)
+        overrides = {**paths, **protocol["common"], **protocol["select"], "model_dir": os.path.join(folder, "models"),
+                     "output_dir": os.path.join(folder, "eval"), "seed": seed, "num_labelled": size,
+                     "selection_rule": rule, "selection_key": key,
+                     "pretrained_checkpoint": os.path.join(exp, encoder.info["checkpoint"])}
+        return Job(jid, "select", folder,
+                   [("select", bundle_command("select", ["train.yaml", "select.yaml"], overrides))],
+                   config={"rule": rule, "num_labelled": size, "seed": seed, "pretraining": encoder.id,
+                           "overrides": {**protocol["common"], **protocol["select"]}},
+                   info={"selection": rule, "num_labelled": size, "seed": seed, "key": key,
+                         "csv": os.path.join("selection", jid, "eval", f"{key}.csv")},
+                   needs=prepare + (encoder.id,))
 
     inits = plan["initialisations"]
+    by_name = {init["name"]: init for init in inits}
     for seed in plan["seeds"]:
         for init in inits:
             pretraining_job(init, seed)
@@ -347,6 +401,15 @@ def build_jobs(plan: dict) -> list[Job]:
             for size, subsets in plan["labelled"].items():
                 if r < len(subsets):
                     jobs += [finetune_job(init, seed, size, subsets[r]) for init in inits]
+    if plan["selection"]:   # after the random subsets: the selections are compared with them
+        selection = plan["selection"]
+        for seed in plan["seeds"]:
+            for size in selection["num_labelled"]:
+                for rule in selection["rules"]:
+                    chosen = select_job(rule, size, seed)
+                    jobs.append(chosen)
+                    jobs += [finetune_job(by_name[name], seed, size, None, chosen)
+                             for name in selection["initialisations"]]
     if plan["benchmark"]:
         for seed in plan["benchmark"]["seeds"]:
             jobs += [finetune_job(init, seed, None, None) for init in inits
@@ -503,6 +566,8 @@ def _describe(job: Job) -> str:
         return f"pre-train global {job.info['strategy']} (seed {job.info['seed']}; {job.id})"
     if job.kind == "local":
         return f"pre-train local {job.info['strategy']} after {job.info['global']}"
+    if job.kind == "select":
+        return f"select {job.info['num_labelled']} volume(s) by {job.info['selection']} (seed {job.info['seed']})"
     size = job.info["num_labelled"]
     where = "all labelled volumes" if size == "all" else f"|XL|={size} subset {job.info['subset']}"
     return f"fine-tune + evaluate {job.info['label']}, {where}, seed {job.info['seed']}"
@@ -552,7 +617,8 @@ def _check_datalist(plan: dict, jobs: list[Job]) -> tuple[list, dict]:
         datalist = json.load(f)
     needed = {"validation", "test"}
     needed |= {"pretrain" for j in jobs if j.kind in ("global", "local")}
-    needed |= {j.info["train_key"] for j in jobs if j.kind == "finetune"}
+    needed |= {"labelled_all" for j in jobs if j.kind == "select"}   # the pool the selections choose from
+    needed |= {j.info["train_key"] for j in jobs if j.kind == "finetune" and "selection" not in j.info}
     missing = sorted(k for k in needed if not isinstance(datalist.get(k), list))
     if missing:
         raise ValueError(f"{path} lacks {missing}: prepare the dataset with more subsets (split#num_subsets, "
@@ -578,7 +644,7 @@ def _result(job: Job, experiment_dir: str, class_names: list, sizes: dict) -> di
     classes = _class_names(class_names, len(dice[0]) if dice else 0)
     return {
         **job.info,
-        "num_train_volumes": sizes.get(job.info["train_key"]),
+        "num_train_volumes": sizes.get(job.info["train_key"], job.info["num_labelled"]),   # selections: written later
         "classes": classes,
         "volumes": [{"image": n, "dice": [None if v != v else v for v in row]} for n, row in zip(names, dice)],
         "class_dice": [_nanmean([row[c] for row in dice]) for c in range(len(classes))],
@@ -746,7 +812,7 @@ def status(plan: str, experiment_dir: str | None = None) -> None:
     print(f"experiment {config['experiment_dir']}")
     print(f"{'kind':<10}{'jobs':>6}{'done':>6}{'to run':>8}{'s per job':>11}{'time left':>16}")
     total = 0.0
-    for kind in ("prepare", "global", "local", "finetune"):
+    for kind in ("prepare", "global", "local", "select", "finetune"):
         of_kind = [j for j in jobs if j.kind == kind]
         if not of_kind:
             continue
@@ -779,8 +845,10 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     with open(copy) as f:
         plan = normalise_plan(yaml.safe_load(f), source=copy)
     records = read_ledger(os.path.join(exp, RESULTS))
+    selected = [r for r in records if r.get("selection")]   # fine-tunings on selected volumes: their own table
+    records = [r for r in records if not r.get("selection")]
     if not records:
-        raise ValueError(f"{os.path.join(exp, RESULTS)} holds no result yet.")
+        raise ValueError(f"{os.path.join(exp, RESULTS)} holds no result on labelled subsets yet.")
     stages = read_ledger(os.path.join(exp, STAGES_FILE))
     order = [i["label"] for i in plan["initialisations"]]
     os.makedirs(output, exist_ok=True)
@@ -797,7 +865,7 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
                     record["stop"] = json.load(f)
     losses = tables.loss_summary(curves)
     text = tables.study_markdown(records, stages, order, losses=losses, title=plan.get("description") or plan["name"],
-                                 protocol=plan["protocol"])
+                                 protocol=plan["protocol"], selected=selected)
     written.append(_write_text(os.path.join(output, "results.md"), text))
     written.append(tables.plot_dice_vs_labelled(records, os.path.join(output, "dice_vs_labelled.png"), order))
     if curves:

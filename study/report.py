@@ -241,10 +241,42 @@ def loss_summary(curves: Mapping[str, Sequence[tuple[str, str, str]]], fraction:
     return summary
 
 
+def selection_table(selected: Sequence[dict], records: Sequence[dict]) -> list[str]:
+    """Markdown lines: each fine-tuning on selected volumes (a record with "selection", the rule) against the runs of
+    the same initialisation and |XL| on the random labelled subsets (``records``): its Dice, the random runs' mean
+    [min, max] (count) and its rank among all of them (1 = best), on the test volumes and, to choose a rule without
+    looking at the test volumes, on the validation volumes (best validation Dice)."""
+    if not selected:
+        return []
+    out = ["", "## Which volumes to label first", "",
+           "Fine-tuning on the volumes a rule selected (scripts/selection.py) against the same initialisation on the "
+           "random labelled subsets of that size: Dice of the selection, the random subsets' mean [min, max] "
+           "(count), and the selection's rank among all of them (1 = best). Choose a rule on the validation columns.",
+           "", "| initialisation | labelled | rule | test: selected | test: random subsets | test rank | "
+           "validation: selected | validation: random subsets | validation rank |", "|---" * 9 + "|"]
+
+    def compare(value, others) -> tuple[str, str, str]:
+        others = [v for v in others if v is not None]
+        if value is None:
+            return "–", "–", "–"
+        spread = f"{np.mean(others):.3f} [{min(others):.3f}, {max(others):.3f}] ({len(others)})" if others else "–"
+        return f"{value:.3f}", spread, f"{1 + sum(v > value for v in others)} of {len(others) + 1}"
+
+    for r in sorted(selected, key=lambda r: (r["label"], r["num_labelled"], r["selection"], r["seed"])):
+        random_runs = [x for x in records if x["label"] == r["label"] and x["num_labelled"] == r["num_labelled"]
+                       and x["seed"] == r["seed"] and "selection" not in x]
+        test = compare(r.get("mean_dice"), [x.get("mean_dice") for x in random_runs])
+        val = compare(r.get("val_dice"), [x.get("val_dice") for x in random_runs])
+        out.append(f"| {r['label']} | {_xl(r['num_labelled'])} | {r['selection']} | " + " | ".join(test + val) + " |")
+    return out
+
+
 def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: Sequence[str] | None = None,
-                   losses: Mapping[str, dict] | None = None, title: str = "", protocol: Mapping | None = None) -> str:
-    """The report of a study as markdown: tables, the paper's claims checked, pre-training losses, wall time, machine
-    and protocol."""
+                   losses: Mapping[str, dict] | None = None, title: str = "", protocol: Mapping | None = None,
+                   selected: Sequence[dict] = ()) -> str:
+    """The report of a study as markdown: tables, the paper's claims checked, the selections against random subsets
+    (``selected``: records of fine-tunings on selected volumes, kept out of the other tables), pre-training losses,
+    wall time, machine and protocol."""
     out = [f"# {title}" if title else "# Results", "",
            f"{len(records)} fine-tuning runs, each evaluated on the same {len(records[0]['volumes'])} test volume(s) "
            "(3D Dice per class on the native grid); model selection on the validation volumes only.", "",
@@ -252,6 +284,7 @@ def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: 
     claims = study_claims(records)
     if claims:
         out += ["", "## The paper's claims, checked", ""] + [f"- {c}" for c in claims]
+    out += selection_table(selected, records)
     pretrainings = [s for s in stages if s.get("kind") in ("global", "local")]
     if pretrainings:
         out += ["", "## Pre-training", "",

@@ -290,3 +290,56 @@ def test_two_workers_run_independent_jobs_side_by_side(tmp_path):
     results = ex.read_ledger(str(exp / "results.jsonl"))
     assert sorted(r["id"] for r in results) == ["GD_LR-xl1-subset0-seed0", "random-xl1-subset0-seed0"]
     assert all(len(r["volumes"][0]["dice"]) == 3 for r in results)
+
+
+# ---------------------------------------------------------------- which volumes to label first (selection plans)
+@pytest.mark.parametrize("name", ["selection_acdc.yaml", "selection_hippocampus.yaml"])
+def test_selection_plans_expand_into_selections_and_their_fine_tunings(tmp_path, name):
+    plan, jobs = plan_jobs(name, tmp_path)
+    kinds = [j.kind for j in jobs.values()]
+    assert kinds.count("select") == 9 and kinds.count("finetune") == 2 * 15 + 2 * 9   # random subsets + selections
+    order = list(jobs)
+    for job in jobs.values():
+        assert all(n in order[: order.index(job.id)] for n in job.needs)
+    select = jobs["select-kcenter-xl2-seed0"]
+    command = select.steps[0][1]
+    assert command[4] == "select" and option(command, "num_labelled") == "2"
+    assert option(command, "selection_rule") == "kcenter"
+    assert option(command, "selection_key") == "selected_kcenter_2_seed0"
+    encoder = jobs[select.needs[-1]]   # the default initialisation's local stage
+    assert encoder.kind == "local" and option(command, "pretrained_checkpoint").endswith(encoder.info["checkpoint"])
+    for init in ("default", "random"):
+        run = jobs[f"{init}-xl2-kcenter-seed0"]
+        assert option(run.steps[0][1], "train_key") == "selected_kcenter_2_seed0" and select.id in run.needs
+        assert run.info["selection"] == "kcenter" and run.info["num_labelled"] == 2
+    assert option(jobs["random-xl2-kcenter-seed0"].steps[0][1], "use_pretrained") == "False"
+    # the prepared datalist needs the pool and the random subsets, not the keys the selections write later
+    data = plan["dataset"]["dataset_dir"]
+    os.makedirs(data)
+    keys = ["pretrain", "labelled_all", "validation", "test"]
+    keys += [f"labelled_{n}_{i}" for n in (1, 2, 8) for i in range(5)]
+    with open(os.path.join(data, "datalist.json"), "w") as f:
+        json.dump({k: [{"image": "x.nii.gz"}] for k in keys}, f)
+    ex._check_datalist(plan, list(jobs.values()))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"selection": {"pretraining": "random", "num_labelled": [1]}}, "with a global stage"),
+    ({"selection": {"pretraining": "GD_LR", "rules": ["densest"], "num_labelled": [1]}}, "rules among"),
+    ({"selection": {"pretraining": "GD_LR", "num_labelled": [1], "initialisations": ["x"]}}, "unknown initialisation"),
+])
+def test_bad_selection_sections_are_refused(tmp_path, change, message):
+    with open(os.path.join(PLANS, "smoke.yaml")) as f:
+        plan = {**yaml.safe_load(f), **change}
+    with pytest.raises(ValueError, match=message):
+        ex.normalise_plan(plan, experiment_dir=str(tmp_path))
+
+
+def test_selection_table_ranks_each_selection_among_the_random_subsets():
+    records = fake_records()   # G^D at |XL| = 1: test Dice 0.650, 0.660; validation 0.650, 0.760 (subsets 0, 1)
+    chosen = {**[r for r in records if r["label"] == "G^D" and r["num_labelled"] == 1][0], "subset": "kmedoids",
+              "selection": "kmedoids", "mean_dice": 0.655, "val_dice": 0.9}
+    text = report.study_markdown(records, title="fake", selected=[chosen])
+    assert "## Which volumes to label first" in text
+    assert ("| G^D | \\|XL\\| = 1 | kmedoids | 0.655 | 0.655 [0.650, 0.660] (2) | 2 of 3 | 0.900 | "
+            "0.705 [0.650, 0.760] (2) | 1 of 3 |") in text
