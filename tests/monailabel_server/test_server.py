@@ -441,7 +441,7 @@ def test_train_through_the_server_writes_the_model_the_next_infer_uses(server, t
 
 # ---------------------------------------------------------------- the cold-start strategy (its own server)
 # The lines docs/monailabel.md tells a user to add to the sample app's main.py (init_strategies), before its log line.
-COVERAGE_LINES = f'''        import sys  # the bundle's cold-start strategy: POST /activelearning/coverage (docs/monailabel.md)
+COVERAGE_LINES = f'''        import sys  # the bundle's cold start: POST /activelearning/coverage (docs/monailabel.md)
         bundle = self.models["{MODEL_NAME}"]
         sys.path.insert(0, bundle)
         from scripts.active_learning import CoverageStrategy
@@ -461,8 +461,9 @@ def add_coverage_strategy(main_py: str) -> None:
 
 def test_activelearning_coverage_answers_unlabelled_images_around_the_labelled_ones(synthetic, tmp_path_factory):
     """A server of its own (its own studies folder, so the checks above see theirs unchanged), its app's main.py with
-    the documented lines: 2 more pool volumes are uploaded unlabelled (PUT /datastore/), then /activelearning/coverage
-    answers an unlabelled image; once that image has a final label (PUT /datastore/label), another unlabelled one."""
+    the documented lines: 2 more pool volumes are uploaded unlabelled (PUT /datastore/image), then
+    /activelearning/coverage answers an unlabelled image; once that image has a final label (PUT /datastore/label),
+    another unlabelled one."""
     work, datalist = synthetic
     srv = Server(str(tmp_path_factory.mktemp("monailabel_coverage")), work, datalist)
     add_coverage_strategy(os.path.join(srv.app, "main.py"))
@@ -478,7 +479,7 @@ def test_activelearning_coverage_answers_unlabelled_images_around_the_labelled_o
         assert len(extra) >= 1
         for image_id in extra:
             with open(labels[image_id][0], "rb") as f:
-                r = srv.call("PUT", f"/datastore/?image={image_id}", files={"file": (image_id + ".nii.gz", f)})
+                r = srv.call("PUT", f"/datastore/image?image={image_id}", files={"file": (image_id + ".nii.gz", f)})
             assert r.status_code == 200, r.text
         unlabelled = set(srv.unlabelled) | set(extra)
         r = srv.call("POST", "/activelearning/coverage", json={})
