@@ -255,12 +255,12 @@ def test_monai_label_strategy_answers_unlabelled_images_around_the_labelled_ones
         "dataset_dir": str(work / "data"), "pretrained_checkpoint": checkpoint,
         "encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]})
     store = FakeDatastore(files)
-    first = strategy({"strategy": "coverage"}, store)
+    first = strategy({"strategy": "coverage"}, store)["id"]
     medoid = parsed_selection(work, data, paths, num_labelled=1, selection_key="selected_medoid",
                               output_dir=str(tmp_path)).get_parsed_content("selection#run")
     assert files[first] == str(work / "data" / medoid[0]["image"])   # nothing labelled: the select run's medoid
     store.labelled.add(first)
-    second = strategy({"strategy": "coverage"}, store)
+    second = strategy({"strategy": "coverage"}, store)["id"]
     assert second in files and second != first
     store.labelled.update(files)
     assert strategy({"strategy": "coverage"}, store) is None

@@ -9,7 +9,8 @@ nearest labelled image most (the medoid when nothing is labelled yet). Embedding
 
 MONAI Label's ``monaibundle`` sample app declares its strategies in its ``main.py`` only; docs/monailabel.md shows
 the lines that add this one. The class follows MONAI Label's ``Strategy`` interface (``info()``, ``__call__(request,
-datastore)`` returning an image id or None) without importing monailabel, so the bundle keeps its own dependencies.
+datastore)`` returning ``{"id": image id}``, or None when nothing is left, as monailabel 0.8.5's own strategies do)
+without importing monailabel, so the bundle keeps its own dependencies.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ class CoverageStrategy:
             self._embeddings[path] = cached = (version, vector.cpu().double().numpy())
         return cached[1]
 
-    def __call__(self, request: dict, datastore) -> str | None:
-        """The id of the next unlabelled image of ``datastore`` (MONAI Label's ``Datastore``), None when every image
-        has a final label."""
+    def __call__(self, request: dict, datastore) -> dict | None:
+        """``{"id": the next unlabelled image of datastore}`` (MONAI Label's ``Datastore``), None when every image has
+        a final label."""
         images = sorted(datastore.list_images())
         labelled = set(datastore.get_labeled_images())
         if all(image in labelled for image in images):
@@ -92,4 +93,4 @@ class CoverageStrategy:
         (pick,) = choose(parts["selection_rule"], cosine_distances(embeddings), 1, seed=parts["seed"] + len(fixed),
                          fixed=fixed)
         logger.info(f"{parts['selection_rule']}: next image {images[pick]} ({len(fixed)} of {len(images)} labelled)")
-        return images[pick]
+        return {"id": images[pick]}
