@@ -9,8 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle release version bench experiments report \
-        clean
+.PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle version bench experiments report clean
 
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -90,6 +89,7 @@ RELEASE_ARGS = --prepare "$(PREPARE)" $(if $(strip $(PREPARE_OPTIONS)),--prepare
                $(if $(strip $(QUICK)),--quick) $(if $(strip $(ALLOW_UNCONVERGED)),--allow_unconverged) \
                $(if $(strip $(FINETUNE_EPOCHS)),--finetune_epochs $(FINETUNE_EPOCHS)) \
                $(if $(strip $(RELEASE_DIR)),--release_dir "$(RELEASE_DIR)") $(if $(strip $(DIST)),--dist "$(DIST)")
+.PHONY: release
 release: venv
 	@test -n "$(DATA)" || { echo "ERROR: give the raw data folder: make release DATA=<folder>"; exit 2; }
 	PYTHONPATH=bundle $(PY) -m study.build_release --data "$(DATA)" $(strip $(RELEASE_ARGS) $(PACK_ARGS))

@@ -106,7 +106,7 @@ def finetune_report(plan: dict, record: dict) -> dict:
     from study.report import VALIDATION_TAG
 
     _, values = read_scalars(os.path.join(plan["experiment_dir"], record["output_dir"]), VALIDATION_TAG)
-    epochs, best = len(values), int(values.argmax()) + 1   # the first epoch that reached the best: later ties don't count
+    epochs, best = len(values), int(values.argmax()) + 1   # the first epoch at the best: later ties don't count
     return {"epochs": epochs, "best_epoch": best, "best_dice": float(values.max()),
             "converged": best <= epochs * (1 - QUIET_FRACTION)}
 
@@ -130,8 +130,8 @@ def check_converged(reports: dict[str, dict], finetuning: dict | None, allow: bo
         raise ReleaseError("refusing to release weights that did not converge:\n  " + "\n  ".join(lines) + f"\n(the "
                            f"stopping reports: {files}.) Raise "
                            "the budget in docs/experiments/release.yaml (FINETUNE_EPOCHS for fine-tuning) and run "
-                           "again in a new RELEASE_DIR, or release them as they are with ALLOW_UNCONVERGED=1 (the model "
-                           "card then says so).")
+                           "again in a new RELEASE_DIR, or release them as they are with ALLOW_UNCONVERGED=1 "
+                           "(the model card then says so).")
     return lines
 
 
@@ -168,7 +168,8 @@ def model_card(plan: dict, reports: dict, finetuning: dict, record: dict, lines:
         f"`models/model.pt`: fine-tuned from `pretrained_local.pt` on every labelled training volume "
         f"({record['num_train_volumes']} volumes, datalist key `labelled_all`) for {finetuning['epochs']} epochs of "
         f"{finetune.get('iterations_per_epoch', 50)} steps; the best validation Dice, "
-        f"{finetuning['best_dice']:.3f}, came at epoch {finetuning['best_epoch']} and selected the shipped weights.", "",
+        f"{finetuning['best_dice']:.3f}, came at epoch {finetuning['best_epoch']} and selected the shipped weights.",
+        "",
         f"**Test Dice of the shipped `models/model.pt`**: {record['mean_dice']:.3f} (mean over "
         f"{len(record['volumes'])} held-out test volumes of each volume's mean foreground Dice, 3D, on the native "
         f"grid; per class: {classes}). `configs/metadata.json` holds the same value in `eval_metrics`.", "",
@@ -205,6 +206,8 @@ def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_u
         raise ReleaseError(f"fine-tuning or evaluation did not finish: see the logs under {exp} and run again.")
     jobs = stage_jobs(plan)
     record = experiments.done_records(exp)[jobs["finetune"].id]
+    if record["mean_dice"] is None:
+        raise ReleaseError(f"the evaluation of {record['model_dir']} gave no Dice: see {record['output_dir']}/test.")
     finetuning = finetune_report(plan, record)
     lines = check_converged(reports, finetuning, allow_unconverged)
 
@@ -253,7 +256,7 @@ def main() -> None:
     args["prepare_options"] = yaml.safe_load(args["prepare_options"]) or {}
     try:
         written = build(**args)
-    except (ReleaseError, ValueError, FileNotFoundError) as error:
+    except (ReleaseError, ValueError, FileNotFoundError, RuntimeError) as error:   # RuntimeError: a runner is busy
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)
     for path in [written["archive"], written["large_files"], *written["weights"]]:
