@@ -76,6 +76,9 @@ def test_the_planned_tables_are_valid_study_plans(plan, tmp_path):
     config = experiments.load_plan(os.path.join(ROOT, "docs", "experiments", plan), str(tmp_path))
     assert all(len(subsets) >= 3 for subsets in config["labelled"].values()) and set(config["labelled"]) == {1, 2, 8}
     names = {i["name"] for i in config["initialisations"]}
+    both = {**config, "initialisations": [{"name": "x", "global": "domain", "checkpoint": "a.pt"}]}
+    with pytest.raises(ValueError, match="a checkpoint or a global strategy, not both"):
+        experiments.normalise_plan(both)
     assert {"random", "release"} <= names
     jobs = experiments.build_jobs(config)
     from_release = [j for j in jobs if j.kind == "finetune" and j.info["init"] == "release"]
@@ -103,6 +106,8 @@ def test_quick_release_refuses_unconverged_stages_then_resumes(quick_release):
     refused, allowed, work = quick_release["refused"], quick_release["allowed"], quick_release["work"]
     assert refused.returncode == 2 and "refusing to release weights that did not converge" in refused.stderr
     assert "pre-training stage global stopped by 'budget'" in refused.stderr
+    # refused before any fine-tuning: the runner ran the preparation and the two stages only
+    assert "3 jobs, 0 done, 3 to run" in refused.stdout and "fine-tune + evaluate" not in refused.stdout
     assert "3 jobs, 3 done, 0 to run" in allowed.stdout   # prepare and both stages are not run again
     assert "1 jobs, 0 done, 1 to run" in allowed.stdout
     assert (work / "release" / "results.jsonl").is_file()
