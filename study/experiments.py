@@ -329,12 +329,14 @@ def build_jobs(plan: dict) -> list[Job]:
         else:
             start = {"pretrained_checkpoint": os.path.join(exp, source.info["checkpoint"])}
         train_overrides = {**run_paths, **finetune, "seed": seed, **selection, **start}
+        init_config = {k: init[k] for k in ("global", "local", "pretrain")}
+        if init["checkpoint"] is not None:   # only then: the configurations of earlier studies stay the same
+            init_config["checkpoint"] = init["checkpoint"]
         steps = [("finetune", bundle_command("run", ["train.yaml"], train_overrides)),
                  ("evaluate", bundle_command("run", ["train.yaml", "evaluate.yaml"], {**run_paths, **evaluate}))]
         return Job(
             jid, "finetune", folder, steps,
-            config={"init": {k: init[k] for k in ("global", "local", "pretrain", "checkpoint") if k != "checkpoint"
-                             or init[k] is not None}, "seed": seed, **selection,
+            config={"init": init_config, "seed": seed, **selection,
                     "finetune": finetune, "evaluate": evaluate,
                     "start": {k: v for k, v in start.items() if k != "pretrained_checkpoint"},
                     "pretraining": source.id if source else None},
