@@ -2,6 +2,7 @@
 #   make demo   pre-train, fine-tune (pre-trained vs random), evaluate on the embedded synthetic data (< 15 min, 2 CPUs)
 #   make test   the test suite (what CI runs)
 #   make bundle the release: dist/<name>_v<version>.zip + weight files + large_files.yml (docs/use_pretrained.md)
+#   make release DATA=<ACDC folder>   the release trained on real data, resumable (docs/release.md; QUICK=1: a test)
 #   make test-monailabel   the bundle served and trained by a real MONAI Label server (own venv: docs/monailabel.md)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -70,6 +71,28 @@ PACK_ARGS = $(if $(strip $(RELEASE_URL)),--url "$(RELEASE_URL)") $(if $(strip $(
             $(if $(strip $(DATA_LICENCE)),--data_licence "$(DATA_LICENCE)")
 bundle: venv
 	PYTHONPATH=bundle $(PY) -m study.release pack $(strip $(PACK_ARGS))
+
+# the release built from real data in one resumable command (docs/release.md): prepare DATA with PREPARE (its extra
+# options: PREPARE_OPTIONS, a YAML mapping), pre-train until each stage has converged, fine-tune model.pt on every
+# labelled training volume for FINETUNE_EPOCHS x 50 steps (default: docs/experiments/release.yaml), evaluate it on the
+# test split, pack into DIST (default RELEASE_DIR/dist). QUICK=1: tiny budgets, the archive marked not for use;
+# ALLOW_UNCONVERGED=1: release a stage that stopped on its budget (the model card says so)
+DATA ?=
+PREPARE ?= prepare_acdc
+PREPARE_OPTIONS ?=
+QUICK ?=
+ALLOW_UNCONVERGED ?=
+FINETUNE_EPOCHS ?=
+RELEASE_DIR ?=
+DIST ?=
+RELEASE_ARGS = --prepare "$(PREPARE)" $(if $(strip $(PREPARE_OPTIONS)),--prepare_options "$(PREPARE_OPTIONS)") \
+               $(if $(strip $(QUICK)),--quick) $(if $(strip $(ALLOW_UNCONVERGED)),--allow_unconverged) \
+               $(if $(strip $(FINETUNE_EPOCHS)),--finetune_epochs $(FINETUNE_EPOCHS)) \
+               $(if $(strip $(RELEASE_DIR)),--release_dir "$(RELEASE_DIR)") $(if $(strip $(DIST)),--dist "$(DIST)")
+.PHONY: release
+release: venv
+	@test -n "$(DATA)" || { echo "ERROR: give the raw data folder: make release DATA=<folder>"; exit 2; }
+	PYTHONPATH=bundle $(PY) -m study.build_release --data "$(DATA)" $(strip $(RELEASE_ARGS) $(PACK_ARGS))
 
 # a new version in metadata.json with its changelog entry: make version VERSION=0.2.0 CHANGE="what changed"
 version: venv

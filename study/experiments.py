@@ -151,7 +151,12 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
         init.setdefault("label", name)
         init.setdefault("global", None)
         init.setdefault("local", None)
+        init.setdefault("checkpoint", None)
         init["pretrain"] = dict(init.get("pretrain") or {})
+        if init["checkpoint"] is not None:   # fine-tune from weights trained elsewhere (e.g. a release's)
+            if init["global"] is not None:
+                raise ValueError(f"{source}: initialisation {name}: give a checkpoint or a global strategy, not both.")
+            init["checkpoint"] = os.path.abspath(str(init["checkpoint"]))
         if init["global"] is not None and init["global"] not in GLOBAL_STRATEGIES:
             raise ValueError(f"{source}: initialisation {name}: global must be one of {GLOBAL_STRATEGIES} or null, "
                              f"got {init['global']!r}.")
@@ -160,7 +165,7 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
                              f"got {init['local']!r}.")
         if init["local"] is not None and init["global"] is None:
             raise ValueError(f"{source}: initialisation {name}: a local stage needs a global stage first.")
-        unknown = sorted(set(init) - {"name", "label", "global", "local", "pretrain"})
+        unknown = sorted(set(init) - {"name", "label", "global", "local", "pretrain", "checkpoint"})
         if unknown:
             raise ValueError(f"{source}: initialisation {name}: unknown key(s) {unknown}.")
     plan["initialisations"] = inits
@@ -270,6 +275,14 @@ def _tag(overrides: dict) -> str:
     return "-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def recipe(init: dict) -> dict:
+    """An initialisation's recipe in the results: the global and local strategies (null: none), or for weights
+    trained elsewhere {"global": "checkpoint", "local": null, "checkpoint": path} (never taken for random init)."""
+    if init["checkpoint"] is not None:
+        return {"global": "checkpoint", "local": None, "checkpoint": init["checkpoint"]}
+    return {"global": init["global"], "local": init["local"]}
+
+
 def build_jobs(plan: dict) -> list[Job]:
     """The plan as an ordered list of jobs: preparation, pre-trainings, then fine-tunings round by round."""
     exp, data = plan["experiment_dir"], plan["dataset"]
@@ -341,7 +354,9 @@ def build_jobs(plan: dict) -> list[Job]:
                                                                                      "subset": subset}
         folder = os.path.join(exp, "runs", jid)
         run_paths = {**paths, "model_dir": os.path.join(folder, "models"), "output_dir": os.path.join(folder, "eval")}
-        if source is None:
+        if init["checkpoint"] is not None:   # encoder + decoder blocks 1..l of the given checkpoint
+            start = {"pretrained_checkpoint": init["checkpoint"]}
+        elif source is None:
             start = {"use_pretrained": False}
         elif source.kind == "global":   # encoder only: the decoder starts from random initialisation
             start = {"pretrained_checkpoint": os.path.join(exp, source.info["checkpoint"]),
@@ -349,16 +364,18 @@ def build_jobs(plan: dict) -> list[Job]:
         else:
             start = {"pretrained_checkpoint": os.path.join(exp, source.info["checkpoint"])}
         train_overrides = {**run_paths, **finetune, "seed": seed, **selection, **start}
+        init_config = {k: init[k] for k in ("global", "local", "pretrain")}
+        if init["checkpoint"] is not None:   # only then: the configurations of earlier studies stay the same
+            init_config["checkpoint"] = init["checkpoint"]
         steps = [("finetune", bundle_command("run", ["train.yaml"], train_overrides)),
                  ("evaluate", bundle_command("run", ["train.yaml", "evaluate.yaml"], {**run_paths, **evaluate}))]
         return Job(
             jid, "finetune", folder, steps,
-            config={"init": {k: init[k] for k in ("global", "local", "pretrain")}, "seed": seed, **selection,
+            config={"init": init_config, "seed": seed, **selection,
                     "finetune": finetune, "evaluate": evaluate,
                     "start": {k: v for k, v in start.items() if k != "pretrained_checkpoint"},
                     "pretraining": source.id if source else None},
-            info={"init": init["name"], "label": init["label"], "recipe": {"global": init["global"],
-                                                                           "local": init["local"]},
+            info={"init": init["name"], "label": init["label"], "recipe": recipe(init),
                   "seed": seed, "num_labelled": size if size is not None else "all",
                   "subset": chosen.info["selection"] if chosen else subset,
                   "train_key": selection.get("train_key", f"labelled_{size}_{subset}"),
@@ -659,7 +676,7 @@ def _nanmean(values) -> float | None:
 
 
 def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_going: bool = False,
-        workers: int = 1) -> int:
+        workers: int = 1, kinds: tuple | list | None = None) -> int:
     """Run every job of ``plan`` that is not done yet; returns the number of jobs that failed.
 
     Args:
@@ -669,6 +686,8 @@ def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_g
         keep_going: on a failed job, go on with the jobs that do not depend on it (default: stop).
         workers: jobs run at the same time, each as soon as the jobs it needs are done, in plan order. With more
             than one, each job gets ``OMP_NUM_THREADS`` = CPU cores / workers unless the plan's ``env`` sets it.
+        kinds: run only the jobs of these kinds (prepare, global, local, finetune); default: every job (a release
+            runs the pre-training first and checks its stopping reports before it fine-tunes).
     """
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, not {workers}.")
@@ -682,17 +701,22 @@ def run(plan: str, experiment_dir: str | None = None, echo: bool = False, keep_g
         raise RuntimeError(f"another runner is working in {exp}.") from None
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        return _run(config, echo, keep_going, int(workers))
+        return _run(config, echo, keep_going, int(workers), kinds)
     finally:
         signal.signal(signal.SIGTERM, previous)
         lock.close()
 
 
-def _run(plan: dict, echo: bool, keep_going: bool, workers: int = 1) -> int:
+def _run(plan: dict, echo: bool, keep_going: bool, workers: int = 1, kinds: tuple | list | None = None) -> int:
     exp = plan["experiment_dir"]
     jobs = build_jobs(plan)
     done = done_records(exp)
     check_unchanged(jobs, done)
+    if kinds is not None:
+        unknown = sorted(set(kinds) - {"prepare", "global", "local", "finetune"})
+        if unknown:
+            raise ValueError(f"kinds {unknown} unknown; expected some of prepare, global, local, finetune.")
+        jobs = [j for j in jobs if j.kind in kinds]
     _write_text(os.path.join(exp, PLAN_COPY), yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
     for job in jobs:   # a stage whose outputs were deleted runs again (and so do the jobs waiting for it)
         if job.kind in ("global", "local") and job.id in done:

@@ -144,7 +144,8 @@ def provenance(entries: list[dict], weights: dict[str, str], version: str, comma
                 "(not recorded: the weights were not written by `make demo`; give `pack --commands <file>`)")
     return "\n".join([
         "", "## Weights of this release", "",
-        f"Written by `make bundle` (`python -m study.release pack`) for version {version} on {date}, from git commit "
+        f"Packed by `python -m study.release pack` (`make bundle`, `make release`) for version {version} on {date}, "
+        "from git commit "
         f"`{commit}`. `large_files.yml` lists the same files with their download URLs; "
         "`python -m monai.bundle download_large_files --bundle_path <this folder>` fetches them and refuses any file "
         "whose sha256 differs.", "",
@@ -179,11 +180,13 @@ def weights_contract(weights: dict[str, str]) -> dict:
     return contract
 
 
-def archived_metadata(bundle_dir: str, contract: dict) -> bytes:
-    """The archive's configs/metadata.json: the bundle's, with the weights' data contract recorded."""
+def archived_metadata(bundle_dir: str, contract: dict, entries: dict | None = None) -> bytes:
+    """The archive's configs/metadata.json: the bundle's, with the weights' data contract recorded and ``entries``
+    (e.g. ``eval_metrics`` of the shipped model) replacing the bundle's values."""
     from scripts.contract import update_metadata
 
-    return (json.dumps(update_metadata(read_metadata(bundle_dir), contract), indent=4) + "\n").encode()
+    metadata = {**update_metadata(read_metadata(bundle_dir), contract), **(entries or {})}
+    return (json.dumps(metadata, indent=4) + "\n").encode()
 
 
 def _zip_write(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
@@ -196,7 +199,7 @@ def _zip_write(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
 # ---------------------------------------------------------------- the two commands
 def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR, models_dir: str | None = None,
          dist_dir: str = os.path.join(ROOT, "dist"), commands: str | None = None, dataset: str | None = None,
-         data_licence: str | None = None) -> dict:
+         data_licence: str | None = None, card: str = "", metadata: dict | None = None, tag: str = "") -> dict:
     """Write ``<dist_dir>/<name>_v<version>.zip``, the weight files and ``large_files.yml``; returns their paths.
 
     Args:
@@ -210,6 +213,11 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
             ``make demo`` writes).
         dataset, data_licence: what the weights were trained on and its licence, for the model card; required
             unless the recorded commands prepared the embedded synthetic data (``prepare_synthetic``).
+        card: markdown appended to the archive's model card after the weights' provenance (``make release``: how
+            each stage stopped and the shipped model's test Dice).
+        metadata: entries replacing those of the archive's ``configs/metadata.json`` (``make release``:
+            ``eval_metrics``, ``data_source``).
+        tag: appended to the archive's file name, e.g. ``_NOT_FOR_USE`` (``make release QUICK=1``).
     """
     models_dir = models_dir or os.path.join(bundle_dir, "models")
     version = read_metadata(bundle_dir)["version"]
@@ -228,7 +236,7 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     listing = yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
     os.makedirs(dist_dir, exist_ok=True)
-    archive_path = os.path.join(dist_dir, f"{name}_v{version}.zip")
+    archive_path = os.path.join(dist_dir, f"{name}_v{version}{tag}.zip")
     tmp = archive_path + ".tmp"
     with zipfile.ZipFile(tmp, "w") as archive:
         for rel in bundle_files(bundle_dir):
@@ -236,9 +244,9 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
                 data = f.read()
             if rel == os.path.join("docs", "README.md"):
                 data += provenance(entries, weights, version, recorded, dataset, data_licence, git_commit(),
-                                   date, contract).encode()
+                                   date, contract).encode() + card.encode()
             elif rel == os.path.join("configs", "metadata.json"):
-                data = archived_metadata(bundle_dir, contract)
+                data = archived_metadata(bundle_dir, contract, metadata)
             _zip_write(archive, f"{name}/{rel}", data)
         _zip_write(archive, f"{name}/large_files.yml", listing.encode())
     os.replace(tmp, archive_path)
