@@ -6,16 +6,22 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH  := torch==2.13.0
+# The torch build: TORCH is the requirement, TORCH_INDEX an extra index pip looks in first. Default: torch 2.13.0 as
+# pip finds it: PyPI's Linux x86-64 wheel is the CUDA build (several GB); this project's machines hold the CPU build
+# locally. CPU build anywhere: TORCH_INDEX=https://download.pytorch.org/whl/cpu; a given CUDA build: its index from
+# pytorch.org, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128 (README "Setup"; only the CPU build was tested).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP   = $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 
 .PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle version bench experiments report clean
 
-# torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
-$(VENV)/.installed: setup.cfg pyproject.toml
+# torch is installed first, pinned (TORCH_PIP): the project's install then keeps that build
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,plot,export]"
+	$(PY) -m pip install --quiet $(TORCH_PIP)
+	$(PY) -m pip install --quiet $(TORCH_PIP) -e ".[test,plot,export]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -71,7 +77,8 @@ PACK_ARGS = $(if $(strip $(RELEASE_URL)),--url "$(RELEASE_URL)") $(if $(strip $(
 bundle: venv
 	PYTHONPATH=bundle $(PY) -m study.release pack $(strip $(PACK_ARGS))
 
-# a new version in metadata.json with its changelog entry: make version VERSION=0.2.0 CHANGE="what changed"
+# a new version in metadata.json (the one place it is set; setup.py reads it) with its changelog entry:
+#   make version VERSION=minor CHANGE="what changed"    (VERSION: major | minor | patch | x.y.z above the current one)
 version: venv
 	PYTHONPATH=bundle $(PY) -m study.release version "$(VERSION)" "$(CHANGE)"
 

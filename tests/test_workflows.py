@@ -15,7 +15,7 @@ from monai.bundle import ConfigWorkflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
-SCHEMA = os.path.join(ROOT, "..", "shared", "schema", "meta_schema_20240725.json")
+SCHEMA = os.path.join(ROOT, "docs", "scripts", "meta_schema_20240725.json")   # the zoo schema, local copy
 TINY_NETWORK = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}
 TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
         "--cache_workers", "0"]
