@@ -153,6 +153,8 @@ def check_monai_bundle(tokens: list[str]) -> list[str]:
     tokens = tokens[tokens.index("monai.bundle") + 1:]
     positional, options = _options(tokens)
     verb, positional = positional[0], positional[1:]
+    if _is_placeholder(verb):   # prose such as `python -m monai.bundle ...`
+        return []
     function = getattr(bundle_verbs, verb, None)
     if function is None:
         return [f"monai.bundle has no command {verb!r}"]
@@ -305,3 +307,11 @@ def test_one_version_number(tmp_path):
     set_version("minor", "next", bundle_dir=str(tmp_path))
     major, minor, _ = map(int, current.split("."))
     assert read_metadata(str(tmp_path))["version"] == f"{major}.{minor + 1}.0"
+
+
+def test_supported_apps_names_the_monailabel_the_docs_install():
+    """metadata.json's supported_apps gives the MONAI Label release that docs/monailabel.md installs and the Makefile
+    tests (`make test-monailabel`)."""
+    version = json.load(open(os.path.join(BUNDLE, "configs", "metadata.json")))["supported_apps"]["monai-label"]
+    assert f"monailabel=={version}" in open(os.path.join(ROOT, "docs", "monailabel.md")).read()
+    assert f"monailabel=={version}" in open(os.path.join(ROOT, "Makefile")).read()
