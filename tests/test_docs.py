@@ -1,6 +1,6 @@
 """The documented commands and snippets, checked as a stranger would copy them.
 
-Every shell command in README.md, docs/*.md and the model card (bundle/docs/README.md) that runs ``monai.bundle`` or
+Every shell command in README.md, docs/*.md, docs/study/*.md and the model card (bundle/docs/README.md) that runs ``monai.bundle`` or
 ``make`` is found in fenced blocks and in inline code spans, parsed, and checked without running the workflow:
 
 - ``monai.bundle <verb>``: the verb exists; each config / metadata file it names exists (paths are tried from the
@@ -35,7 +35,8 @@ from scripts.networks import UNet2D
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, "bundle")
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
-        "bundle/docs/README.md"]
+        *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "study", "*.md"))),
+        "bundle/docs/README.md"]   # docs/study/*.md: the hand-written study pages (the reports are in subfolders)
 SHELL_VARIABLES = {"$C": "bundle/configs"}   # set by the docs before their commands (`C=bundle/configs`)
 # overrides that name a key the configs do not define, on purpose (none so far: add "key": "why" here)
 NEW_KEYS: dict[str, str] = {}
@@ -315,3 +316,13 @@ def test_supported_apps_names_the_monailabel_the_docs_install():
     version = json.load(open(os.path.join(BUNDLE, "configs", "metadata.json")))["supported_apps"]["monai-label"]
     assert f"monailabel=={version}" in open(os.path.join(ROOT, "docs", "monailabel.md")).read()
     assert f"monailabel=={version}" in open(os.path.join(ROOT, "Makefile")).read()
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_relative_links_resolve(doc):
+    """Every relative link of the docs (outside code blocks) names a file of the repository."""
+    text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, doc), encoding="utf-8").read(), flags=re.S)
+    targets = [m.group(1).split("#")[0] for m in re.finditer(r"\]\(([^)\s]+)\)", text)]
+    broken = [t for t in targets if t and not re.match(r"^(https?:|mailto:)", t)
+              and not os.path.exists(os.path.join(ROOT, os.path.dirname(doc), t))]
+    assert not broken, f"{doc}: links to missing files: {broken}"
