@@ -3,6 +3,7 @@
 #   make test   the test suite (what CI runs)
 #   make bundle the release: dist/<name>_v<version>.zip + weight files + large_files.yml (docs/use_pretrained.md)
 #   make test-monailabel   the bundle served and trained by a real MONAI Label server (own venv: docs/monailabel.md)
+#   make gpu-check  the first check on a GPU machine (docs/performance.md); setup variables: README "Setup"
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
