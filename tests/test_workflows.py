@@ -115,8 +115,7 @@ def test_inference_writes_labels_on_the_input_grid(workspace):
 
 def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
     work, _ = workspace
-    if os.path.isfile(SCHEMA):
-        bundle(tmp_path, "verify_metadata", "--meta_file", os.path.join(CONFIGS, "metadata.json"), "--filepath", SCHEMA)
+    bundle(tmp_path, "verify_metadata", "--meta_file", os.path.join(CONFIGS, "metadata.json"), "--filepath", SCHEMA)
     bundle(tmp_path, "verify_net_in_out", "network_def", "--meta_file", os.path.join(CONFIGS, "metadata.json"),
            "--config_file", os.path.join(CONFIGS, "inference.yaml"), "--n", "2", "--checkpoint", "",
            pythonpath=True)  # no weights: the data contract comes from metadata.json
