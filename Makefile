@@ -4,19 +4,27 @@
 #   make bundle the release: dist/<name>_v<version>.zip + weight files + large_files.yml (docs/use_pretrained.md)
 #   make release DATA=<ACDC folder>   the release trained on real data, resumable (docs/release.md; QUICK=1: a test)
 #   make test-monailabel   the bundle served and trained by a real MONAI Label server (own venv: docs/monailabel.md)
+#   make gpu-check  the first check on a GPU machine (docs/performance.md); setup variables: README "Setup"
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH  := torch==2.13.0
+# The torch build: TORCH is the requirement, TORCH_INDEX an extra index pip looks in first. Default: torch 2.13.0 as
+# pip finds it: PyPI's Linux x86-64 wheel is the CUDA build (several GB); this project's machines hold the CPU build
+# locally. CPU build anywhere: TORCH_INDEX=https://download.pytorch.org/whl/cpu; a given CUDA build: its index from
+# pytorch.org, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128 (README "Setup"; only the CPU build was tested).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP   = $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 
-.PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle version bench experiments report clean
+.PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle version bench gpu-check experiments report \
+        clean
 
-# torch is pinned first: an unpinned torch would pull a multi-GB CUDA build
-$(VENV)/.installed: setup.cfg pyproject.toml
+# torch is installed first, pinned (TORCH_PIP): the project's install then keeps that build
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,plot,export]"
+	$(PY) -m pip install --quiet $(TORCH_PIP)
+	$(PY) -m pip install --quiet $(TORCH_PIP) -e ".[test,plot,export]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -94,7 +102,8 @@ release: venv
 	@test -n "$(DATA)" || { echo "ERROR: give the raw data folder: make release DATA=<folder>"; exit 2; }
 	PYTHONPATH=bundle $(PY) -m study.build_release --data "$(DATA)" $(strip $(RELEASE_ARGS) $(PACK_ARGS))
 
-# a new version in metadata.json with its changelog entry: make version VERSION=0.2.0 CHANGE="what changed"
+# a new version in metadata.json (the one place it is set; setup.py reads it) with its changelog entry:
+#   make version VERSION=minor CHANGE="what changed"    (VERSION: major | minor | patch | x.y.z above the current one)
 version: venv
 	PYTHONPATH=bundle $(PY) -m study.release version "$(VERSION)" "$(CHANGE)"
 
@@ -102,6 +111,14 @@ version: venv
 # and each stage's data pipeline against its model step alone (docs/performance.md)
 bench: venv
 	PYTHONPATH=bundle $(PY) -m study.benchmark $(ARGS)
+
+# the first check on a GPU machine (no GPU has run this bundle yet; docs/performance.md): pre-train and fine-tune
+# 300 iterations per stage at 192 px with AMP, images/s and peak GPU memory per stage, GPU vs CPU inference on >= 99.9 %
+# of the voxels; exit 0 only if all pass. DEVICE=cpu: a tiny smoke run of the same path (tests/test_gpu_check.py)
+DEVICE ?= cuda
+GPU_CHECK_ARGS = --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--tiny --iterations 5 --image_size 32)
+gpu-check: venv
+	PYTHONPATH=bundle $(PY) -m study.gpu_check $(GPU_CHECK_ARGS)
 
 # the study of PLAN (resumable: run it again after an interruption), then its tables and figures into docs/study/
 PLAN ?= docs/experiments/acdc_cpu.yaml

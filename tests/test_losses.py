@@ -1,6 +1,6 @@
 """The contrastive losses against slow loop-based references, literal positive/negative sets, stability, validation.
 
-The references below are written from the definitions (method.md / the losses' docstrings) with explicit Python
+The references below are written from the definitions (the paper / the losses' docstrings) with explicit Python
 loops over anchors and pairs, in float64; they share no code with ``scripts.losses``.
 """
 

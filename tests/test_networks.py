@@ -15,7 +15,7 @@ def test_reference_unet_shapes():
     assert [tuple(f.shape[1:]) for f in features] == [
         (16, 192, 192), (32, 96, 96), (64, 48, 48), (128, 24, 24), (128, 12, 12), (128, 6, 6)
     ]
-    assert net.decode(features, 3).shape == (2, 64, 48, 48)  # decoder block l = 3 of method.md
+    assert net.decode(features, 3).shape == (2, 64, 48, 48)  # decoder block l = 3 (the paper's l)
     assert net(x).shape == (2, 4, 192, 192)
 
 

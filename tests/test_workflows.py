@@ -15,7 +15,7 @@ from monai.bundle import ConfigWorkflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
-SCHEMA = os.path.join(ROOT, "..", "shared", "schema", "meta_schema_20240725.json")
+SCHEMA = os.path.join(ROOT, "docs", "scripts", "meta_schema_20240725.json")   # the zoo schema, local copy
 TINY_NETWORK = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}
 TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
         "--cache_workers", "0"]
@@ -115,8 +115,7 @@ def test_inference_writes_labels_on_the_input_grid(workspace):
 
 def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
     work, _ = workspace
-    if os.path.isfile(SCHEMA):
-        bundle(tmp_path, "verify_metadata", "--meta_file", os.path.join(CONFIGS, "metadata.json"), "--filepath", SCHEMA)
+    bundle(tmp_path, "verify_metadata", "--meta_file", os.path.join(CONFIGS, "metadata.json"), "--filepath", SCHEMA)
     bundle(tmp_path, "verify_net_in_out", "network_def", "--meta_file", os.path.join(CONFIGS, "metadata.json"),
            "--config_file", os.path.join(CONFIGS, "inference.yaml"), "--n", "2", "--checkpoint", "",
            pythonpath=True)  # no weights: the data contract comes from metadata.json

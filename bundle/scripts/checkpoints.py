@@ -111,6 +111,14 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
 _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
 
 
+def require(path: str | os.PathLike, what: str = "checkpoint") -> str:
+    """``path`` when it is a file, else ``MissingFileError`` naming it (e.g. inference.yaml checks its weights first:
+    its network can be built without them, from metadata.json's contract, but not run)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what} {path} not found: run the workflow that writes it or give the right path.")
+    return str(path)
+
+
 def safe_load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint"):
     """``torch.load(path, weights_only=True)``, with every failure turned into a one-line ``BundleError``.
 
@@ -124,9 +132,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoi
         BundleError: the file is empty, truncated or corrupt, or holds Python objects (a pickle that would import
             or call code, e.g. ``os.system``), which ``weights_only=True`` refuses. The message names the file.
     """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{what} {path} not found: run the workflow that writes it or give the right path.")
+    path = require(path, what)
     if os.path.getsize(path) == 0:
         raise BundleError(f"{what} {path} is empty (0 bytes): the write that made it did not finish; delete it.")
     try:

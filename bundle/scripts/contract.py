@@ -108,6 +108,7 @@ def resolve(
     fallback: str | None = None,
     overrides: Mapping | None = None,
     transfer: bool = False,
+    model_optional: bool = False,
 ) -> dict:
     """The contract a workflow runs with.
 
@@ -120,10 +121,17 @@ def resolve(
             the contract (``class_names`` may also be a {"index": name} mapping).
         transfer: fine-tuning on purpose on data whose contract differs from ``model``'s (new classes, another
             resolution): the data's contract wins and each difference is logged. Otherwise they must agree.
+        model_optional: a ``model`` file that does not exist is passed over with a warning (``fallback`` then gives
+            the contract): the network of a bundle without weights can still be built, e.g. by the model zoo's
+            ``verify_net_in_out`` or ``ckpt_export`` of another checkpoint. A file that exists still wins.
 
     Raises ``BundleError`` naming both values and their files on any disagreement.
     """
     d = read_contract(data, "datalist") if data and os.path.isfile(data) else None
+    if model and model_optional and not os.path.isfile(model):
+        logger.warning(f"{model} not found: the network is built from {fallback or 'the data'}'s data contract; "
+                       "running the workflow needs the checkpoint.")
+        model = None
     m = read_contract(model, "checkpoint") if model else None
     if model and m is None:
         logger.warning(f"{model} carries no data contract (written by an older version): its pre-processing "

@@ -1,8 +1,10 @@
 """The bundle served and trained by a real MONAI Label server (`make test-monailabel`, its own venv).
 
-Lays the bundle under a copy of the `monaibundle` sample app that ships inside the monailabel package, starts
-`monailabel start_server` on 127.0.0.1 (a free port, offline: local zoo source, no SAM2) against a studies folder of
-synthetic NIfTI volumes, and talks to it only through its REST API:
+Runs docs/monailabel.md's "Three commands" as written: step 2 (the `monaibundle` sample app that ships inside the
+monailabel package, with the bundle's code, configs, docs and weights as app/model/<name>) in a scratch folder laid
+out as the repository (bundle/ with weights, .venv-monailabel), then step 3's `monailabel start_server` (offline:
+local zoo source, no SAM2) with its --studies and --port replaced by a folder of synthetic NIfTI volumes and a free
+port, and talks to the server only through its REST API:
   GET /info/ -> our model and label names; POST /infer -> a label volume on the input's grid that agrees with our own
   inference.yaml; POST /train -> our train.yaml runs and writes a new models/model.pt that the next /infer uses;
   bad requests -> HTTP errors while the server keeps serving.
@@ -20,6 +22,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -124,8 +128,9 @@ def bundle_archive():
 
 
 def lay_out_bundle(target: str, synthetic_work: str):
-    """The bundle at <app>/model/<MODEL_NAME>: from `make bundle`'s archive if there is one, else bundle/ (code,
-    configs, docs) + the short run's models/ (model.pt, and pretrained_local.pt, which train.yaml initialises from)."""
+    """The bundle with its weights at ``target`` (the scratch repository's bundle/, which docs/monailabel.md's step 2
+    copies from): from `make bundle`'s archive if there is one, else bundle/ (code, configs, docs) + the short run's
+    models/ (model.pt, and pretrained_local.pt, which train.yaml initialises from)."""
     archive = bundle_archive()
     if archive:
         log(f"bundle from the archive {archive}")
@@ -166,12 +171,20 @@ def fetch_weights_beside(archive: str, bundle: str) -> None:
         log(f"  {entry['path']} from {source}: sha256 checked")
 
 
-def sample_app() -> str:
-    """The `monaibundle` sample app inside the installed monailabel package (data files under sys.prefix)."""
-    app = os.path.join(sys.prefix, "monailabel", "sample-apps", "monaibundle")
-    if not os.path.isfile(os.path.join(app, "main.py")):
-        raise FileNotFoundError(f"no monaibundle sample app at {app}")
-    return app
+def documented_steps() -> tuple[list[str], list[str]]:
+    """docs/monailabel.md's "Three commands": the shell lines of step 2 (lay out, run from the repository root) and
+    the tokens of step 3 (start the server), continuation lines joined, comments dropped."""
+    with open(os.path.join(ROOT, "docs", "monailabel.md")) as f:
+        block = f.read().split("## Three commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    steps, current = {}, None
+    for line in block.replace("\\\n", " ").splitlines():
+        number = re.match(r"#\s*(\d)\.", line.strip())
+        if number:
+            current = steps.setdefault(int(number.group(1)), [])
+        elif line.strip() and not line.strip().startswith("#") and current is not None:
+            current.append(line.strip())
+    assert steps.get(2) and len(steps.get(3, [])) == 1, f"docs/monailabel.md: steps 2 and 3 not found in {block!r}"
+    return steps[2], shlex.split(steps[3][0])
 
 
 def free_port() -> int:
@@ -186,9 +199,18 @@ class Server:
         self.root = root
         self.data_dir = os.path.join(synthetic_work, "data")  # relative paths in the datalist are relative to it
         self.app = os.path.join(root, "app")
-        shutil.copytree(sample_app(), self.app, ignore=shutil.ignore_patterns("__pycache__"))
         self.bundle = os.path.join(self.app, "model", MODEL_NAME)
-        lay_out_bundle(self.bundle, synthetic_work)
+        # the repository as the docs see it: bundle/ with its weights, and MONAI Label's venv
+        lay_out_bundle(os.path.join(root, "bundle"), synthetic_work)
+        os.symlink(sys.prefix, os.path.join(root, ".venv-monailabel"))
+        layout, self.command = documented_steps()
+        for line in layout:
+            log(f"docs/monailabel.md step 2: {line}")
+            done = subprocess.run(["bash", "-c", line], cwd=root, capture_output=True, text=True)
+            assert done.returncode == 0, f"docs/monailabel.md step 2 failed: {line}\n{done.stderr[-2000:]}"
+        assert os.path.isfile(os.path.join(self.bundle, "models", "model.pt")), "step 2 laid out no model.pt"
+        log(f"  {self.bundle}: " + ", ".join(sorted(os.listdir(self.bundle))) + "; models: "
+            + ", ".join(sorted(os.listdir(os.path.join(self.bundle, "models")))))
         self.studies = os.path.join(root, "studies")
         self.labelled, self.unlabelled = self._studies(datalist)
         self.port = free_port()
@@ -214,16 +236,16 @@ class Server:
         return ids[:len(labelled)], ids[len(labelled):]
 
     def start(self):
-        cmd = [os.path.join(os.path.dirname(sys.executable), "monailabel"), "start_server", "--app", self.app,
-               "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port),
-               "--conf", "models", MODEL_NAME,
-               "--conf", "zoo_source", "local",  # not the default "monaihosting": no look-up on the network
-               "--conf", "sam2", "false",        # the app's SAM2 tasks would download weights
-               "--conf", "preload", "false"]
+        # step 3 of docs/monailabel.md as written, but for the studies folder and the port
+        cmd = list(self.command)
+        assert cmd[:2] == ["monailabel", "start_server"] and MODEL_NAME in cmd, cmd
+        for option, value in (("--studies", self.studies), ("--port", str(self.port))):
+            cmd[cmd.index(option) + 1] = value
+        cmd[0] = os.path.join(os.path.dirname(sys.executable), "monailabel")
         # bin/monailabel is a shell script that runs `python -m monailabel.main` with the first python on PATH
         bindir = os.path.dirname(sys.executable)
         env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PATH": bindir + os.pathsep + os.environ["PATH"],
-               "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1", "BUNDLE_DOWNLOAD_SRC": "local"}
+               "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
         log("starting: " + " ".join(cmd))
         self.t0 = time.time()
         self._out = open(self.log_file, "w")
