@@ -91,6 +91,13 @@ MUSCLE_LAYER_RANGE = (6.0, 14.0)
 AORTA_RADIUS_RANGE = (9.0, 13.0)
 SPINE_RADIUS_RANGE = (13.0, 18.0)
 LIVER_ONSET_RANGE = (0.25, 0.6)  # t at which the liver (dome) appears
+LUNG_RECESSION_RANGE = (0.4, 0.7)  # the lungs' half-axes shrink by this fraction from base (t = 0) to apex (t = 1)
+# short-axis planes are oblique to the body's axis, so from base to apex the chest slides across the field of view
+# behind the heart: in-plane shift of the background per mm along the heart's axis, and the direction of that shift
+# in the chest frame (u, v: +u posterior, towards the spine) with its per-volume jitter
+BACKGROUND_DRIFT_RANGE = (0.3, 0.6)
+BACKGROUND_DRIFT_DIRECTION = 0.0  # radians in the chest frame: towards the spine
+BACKGROUND_DRIFT_JITTER = math.radians(25.0)
 NUM_LUNG_VESSELS = 14
 NUM_EXTRA_BLOBS_RANGE = (3, 6)  # other mediastinal / abdominal structures (vessels, fat pads, bowel)
 BLOB_DISTANCE_RANGE = (35.0, 95.0)  # from the basal LV centre
@@ -163,6 +170,8 @@ class _Params:
     aorta_radius: float
     spine_radius: float
     liver_onset: float
+    lung_recession: float  # fraction by which the lungs' half-axes shrink from base to apex
+    background_drift: np.ndarray  # (2,): in-plane shift of the chest (u, v) per mm along the heart's axis
     stomach: bool
     organ_wobble: np.ndarray  # (4, 2, 3): outlines of the two lungs, the liver and the stomach
     blobs: list  # [(cu, cv, au, av, t_from, t_to, intensity, wobble)]
@@ -374,6 +383,11 @@ def _draw_params(rng: np.random.Generator, options: dict) -> _Params:
         blobs.append((*centre, *half_axes, t_from, t_to, value, wobble(0.25)))
     d["blobs"] = blobs
 
+    # drawn after everything above, so that adding it left every earlier draw unchanged
+    d["lung_recession"] = uni(LUNG_RECESSION_RANGE)
+    drift_angle = BACKGROUND_DRIFT_DIRECTION + uni((-BACKGROUND_DRIFT_JITTER, BACKGROUND_DRIFT_JITTER))
+    d["background_drift"] = uni(BACKGROUND_DRIFT_RANGE) * np.array([math.cos(drift_angle), math.sin(drift_angle)])
+
     # per slice (drawn last): breath-hold misalignment of the whole slice, and of the heart alone
     shift_sigma = uni(SLICE_SHIFT_SIGMA_RANGE)
     d["slice_shifts"] = np.clip(rng.normal(0, shift_sigma, (num_slices, 2)), -SLICE_SHIFT_MAX, SLICE_SHIFT_MAX)
@@ -394,8 +408,9 @@ def _paint_background(img: np.ndarray, u: np.ndarray, v: np.ndarray, t: float, p
     inner = _ellipse(u, v, bu, bv, au - m, av - m)
     img[inner] = ti["body"]
     ow = p.organ_wobble
-    lungs = _blob(u, v, bu - 0.15 * au, bv + 0.5 * av, 0.55 * au, 0.32 * av, ow[0])
-    lungs |= _blob(u, v, bu - 0.1 * au, bv - 0.55 * av, 0.5 * au, 0.3 * av, ow[1])
+    ls = 1.0 - p.lung_recession * t  # the lungs recede towards the apex as the diaphragm rises
+    lungs = _blob(u, v, bu - 0.15 * au, bv + 0.5 * av, 0.55 * au * ls, 0.32 * av * ls, ow[0])
+    lungs |= _blob(u, v, bu - 0.1 * au, bv - 0.55 * av, 0.5 * au * ls, 0.3 * av * ls, ow[1])
     lungs &= inner
     img[lungs] = ti["lung"]
     # a few bright vessels inside the lungs (positions drawn per slice)
@@ -552,7 +567,8 @@ def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[flo
         u, v = _rotate(x - dx, y - dy, p.chest_angle)
         img = np.zeros((h, w), np.float32)
         lab = np.zeros((h, w), np.uint8)
-        _paint_background(img, u, v, t, p, rng_background)
+        drift = p.background_drift * (t - 0.5) * (nz - 1) * p.spacing[2]  # mm, zero at mid-ventricle
+        _paint_background(img, u - drift[0], v - drift[1], t, p, rng_background)
         _render_heart(img, lab, u, v, t, k, p, rng_heart)
         label[..., k] = lab
         img *= 1.0 + p.texture * _smooth_noise(rng_appearance, (h, w), 3.0)
