@@ -1,5 +1,6 @@
 # One entry point per job; every target builds its own virtual environment first.
-#   make demo   pre-train, fine-tune (pre-trained vs random), evaluate on the embedded synthetic data (< 15 min, 2 CPUs)
+#   make demo   pre-train, fine-tune (pre-trained vs random), evaluate on the embedded synthetic data (< 15 min, 2 CPUs;
+#               SEED=1 for another draw of the data and of every initialisation)
 #   make test   the test suite (what CI runs)
 #   make bundle the release: dist/<name>_v<version>.zip + weight files + large_files.yml (docs/use_pretrained.md)
 #   make release DATA=<ACDC folder>   the release trained on real data, resumable (docs/release.md; QUICK=1: a test)
@@ -29,8 +30,10 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 
 venv: $(VENV)/.installed
 
+# make demo SEED=1: other synthetic patients, split, initialisations and random draws
+SEED ?= 0
 demo: venv
-	PY=$(PY) bash docs/scripts/demo.sh
+	PY=$(PY) SEED=$(SEED) bash docs/scripts/demo.sh
 
 test: venv
 	$(PY) -m pytest -q

@@ -14,6 +14,10 @@ slices at the same relative depth look alike (the "partition" cue of the method)
 * Mid slices: papillary muscles (myocardium-dark, labelled LV) inside the cavity.
 * Background: body outline with a bright subcutaneous fat layer, chest-wall muscle, dark lungs with bright vessels,
   spine, a bright descending aorta, patchy bright pericardial fat, and liver / stomach appearing towards the apex.
+  Short-axis planes are oblique to the body's long axis, so from base to apex the whole chest slides across the field
+  of view behind the heart (by 0.3-0.6 mm per mm of depth, in a per-volume direction near the spine's) while the
+  lungs recede as the diaphragm rises. Without this, the slices of one volume were near-copies of each other (pixel
+  correlation 0.74, against 0.28 on ACDC), and the G^D loss, which takes them as negatives, could not learn.
 
 Per volume: size, spacing, number of slices, heart position / scale / rotation, tissue contrasts, partial-volume blur,
 a smooth multiplicative bias field and Rician noise vary; per slice: slight misalignment (breath-hold).

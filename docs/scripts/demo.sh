@@ -12,24 +12,20 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 C=bundle/configs
 
-# ---- the demo's budget: command-line overrides of the configs' CPU-scale defaults, so the whole demo fits in
-# ---- 15 minutes on 2 CPU cores (model card, "Performance": the stage times of a run)
-# pre-training: each stage stops on the plateau of its running loss (scripts.engines.PlateauStop), within a budget;
-# a patience of 200 iterations (configs: global 300) ends the global stage two epochs after its last fall of 2% (with
-# one epoch, a single epoch's noise would stop it); the global crop ramp is scaled with the budget (configs: 400 of
-# 2000 iterations); the learning-rate warm-up is not (the configs' 200 iterations: it is there to get past the first
-# steps, where the embeddings would collapse)
-PRETRAIN=(--global#max_iterations 600 --global#min_iterations 200 --global#patience 200
-          --global#crop_ramp_iterations 120
-          --local#max_iterations 200 --local#min_iterations 100 --local#patience 100)
-FINETUNE=(--max_epochs 3 --iterations_per_epoch 50)          # each fine-tuning: 3 x 50 = 150 steps of 10 slices
+# ---- the demo's budget: overlays on the configs' CPU-scale defaults, so that the whole demo fits in 15 minutes on
+# ---- 2 CPU cores (model card, "Performance": the stage times of a run); each value is commented in its file
+DEMO=docs/scripts
+PRETRAIN_CONFIG="['$C/train.yaml','$C/pretrain.yaml','$DEMO/demo_pretrain.yaml']"
+FINETUNE_CONFIG="['$C/train.yaml','$DEMO/demo_finetune.yaml']"
+EVALUATE_CONFIG="['$C/train.yaml','$DEMO/demo_finetune.yaml','$C/evaluate.yaml']"
+SEED=${SEED:-0}   # seeds the synthetic patients, the split, every initialisation and every random draw
 SUBSETS=(labelled_1_0 labelled_1_1 labelled_2_0 labelled_2_1)  # datalist keys labelled_<|XL|>_<subset>
 REFERENCE=labelled_all                                       # every labelled pool volume, random init (empty: skip)
 
 # every stage command is also appended to bundle/models/commands.log: `make bundle` puts it in the model card
 LOG=bundle/models/commands.log
 mkdir -p bundle/models
-echo "# make demo (docs/scripts/demo.sh), started $(date -u '+%Y-%m-%d %H:%M UTC'), git commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" > "$LOG"
+echo "# make demo (docs/scripts/demo.sh, SEED=$SEED), started $(date -u '+%Y-%m-%d %H:%M UTC'), git commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" > "$LOG"
 quote() {   # one word as a shell reads it back: bare, "double-quoted", or bash's %q when it holds " $ ` or \
     case "$1" in
         *[!A-Za-z0-9_./=:,+-]*) if [[ "$1" != *[\"\$\`\\]* ]]; then printf ' "%s"' "$1"; else printf ' %q' "$1"; fi ;;
@@ -45,10 +41,10 @@ START=$(date +%s)
 stage_time() { echo "demo: $1 took $(( $(date +%s) - $2 )) s"; }
 
 T=$(date +%s)
-run prepare_synthetic --config_file "['$C/train.yaml','$C/prepare.yaml']"
+run prepare_synthetic --config_file "['$C/train.yaml','$C/prepare.yaml']" --seed "$SEED"
 stage_time "data preparation" "$T"
 T=$(date +%s)
-run pretrain --config_file "['$C/train.yaml','$C/pretrain.yaml']" "${PRETRAIN[@]}"
+run pretrain --config_file "$PRETRAIN_CONFIG" --seed "$SEED"
 stage_time "pre-training" "$T"
 
 # fine-tune + evaluate: one labelled subset (a datalist key) and one initialisation (pretrained | random_init);
@@ -57,10 +53,10 @@ finetune() {
     local subset=$1 init=$2 T
     T=$(date +%s)
     local args=(--train_key "$subset" --model_dir "bundle/models/$init/$subset" --output_dir "bundle/eval/$init/$subset"
-                --pretrained_checkpoint bundle/models/pretrained_local.pt "${FINETUNE[@]}")
+                --pretrained_checkpoint bundle/models/pretrained_local.pt --seed "$SEED")
     [ "$init" = random_init ] && args+=(--use_pretrained False)
-    run run --config_file "$C/train.yaml" "${args[@]}"
-    run run --config_file "['$C/train.yaml','$C/evaluate.yaml']" "${args[@]}"
+    run run --config_file "$FINETUNE_CONFIG" "${args[@]}"
+    run run --config_file "$EVALUATE_CONFIG" "${args[@]}"
     stage_time "fine-tuning + evaluation ($init, $subset)" "$T"
 }
 for subset in "${SUBSETS[@]}"; do
@@ -80,6 +76,10 @@ SUBSET_LIST=$(printf "'%s'," "${SUBSETS[@]}")
 PYTHONPATH=bundle "$PY" -m scripts.cli compare \
     --results "{'random init': 'bundle/eval/random_init/{subset}/test', 'pre-trained': 'bundle/eval/pretrained/{subset}/test'}" \
     --subsets "[${SUBSET_LIST%,}]" "${REFERENCE_ARGS[@]}" --stops bundle/eval --output bundle/eval/demo_results.md
+# the table says which run it is: seed, commit, date
+{ echo "make demo, SEED=$SEED, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u '+%Y-%m-%d')"
+  echo; cat bundle/eval/demo_results.md; } > bundle/eval/demo_results.md.tmp
+mv bundle/eval/demo_results.md.tmp bundle/eval/demo_results.md
 PYTHONPATH=bundle "$PY" -m scripts.cli curves --output bundle/eval/demo_curves.png \
     --global_loss=bundle/eval/pretrain_global:global_loss --local_loss=bundle/eval/pretrain_local:local_loss \
     --validation_Dice_pretrained=bundle/eval/pretrained/labelled_1_0:val_mean_dice \
