@@ -142,8 +142,10 @@ def _is_case_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(c, dict) and "image" in c for c in value)
 
 
-def load_datalist(path: str, key: str) -> list[dict]:
-    """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a clear error for a missing key."""
+def load_datalist(path: str, key: str, require_label: bool = False) -> list[dict]:
+    """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a one-line error for a missing key,
+    an entry that is not ``{"image": path, ...}`` or, with ``require_label`` (fine-tuning, validation, evaluation),
+    an entry without a "label"."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise MissingFileError(f"datalist {path} not found: prepare the data first (prepare.yaml) or point "
@@ -156,6 +158,13 @@ def load_datalist(path: str, key: str) -> list[dict]:
     keys = [k for k, v in content.items() if isinstance(v, list)]
     if key not in keys:
         raise BundleError(f"datalist {path} has no list '{key}'; it has: {', '.join(keys)}.")
+    needed = ("image", "label") if require_label else ("image",)
+    for index, entry in enumerate(content[key]):
+        missing = [k for k in needed if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise BundleError(f"datalist {path}: entry {index} of '{key}' ({json.dumps(entry)[:200]}) has no "
+                              f"{' and no '.join(repr(k) for k in missing)} path; every entry of '{key}' needs "
+                              f"{' and '.join(repr(k) for k in needed)}.")
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
 
 

@@ -1,0 +1,147 @@
+"""Bad inputs and states reach the user as one line naming the file, on every path (issue 25).
+
+Each test reproduces one case of the issue that used to give a wrong answer without an error: a NaN voxel or an
+almost empty image passing the pre-processing, an out-of-range or misaligned label, a datalist entry without a label,
+two inputs of the same name overwriting each other's output, a file too large to read. The pre-processing is the one
+every path builds (``scripts.contract.build_preprocessing``), so a check here holds for inference, evaluation,
+fine-tuning, pre-training and MONAI Label alike."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from scripts.contract import build_preprocessing, make_contract
+from scripts.data import load_datalist
+from scripts.datasets import check_case
+from scripts.errors import BundleError, find_bundle_error
+from scripts.inference import InputCheck, glob_root, output_name
+from scripts.transforms import check_size, preprocessing
+
+CONTRACT = make_contract(16, 2.0, ["background", "a", "b"], placeholder_spacing=1.5)
+
+
+def _write(path, array, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([2.0, 2.0, 5.0, 1.0]) if affine is None else affine),
+             str(path))
+    return str(path)
+
+
+def _image(shape=(12, 12, 4)):
+    return np.random.default_rng(0).uniform(0, 500, shape).astype(np.float32)
+
+
+def _label(shape=(12, 12, 4)):
+    label = np.zeros(shape, np.int16)
+    label[3:8, 3:8] = 1
+    label[8:10, 8:10] = 2
+    return label
+
+
+def _refusal(transform, data) -> str:
+    """The BundleError message the transform raises on ``data`` (MONAI's Compose wraps it)."""
+    with pytest.raises(Exception) as error:
+        transform(data)
+    found = find_bundle_error(error.value)
+    assert found is not None, f"no BundleError, got {error.value!r}"
+    return str(found)
+
+
+# ---------------------------------------------------------------- the pre-processing's own check
+def test_a_nan_voxel_is_refused_by_the_preprocessing_naming_the_file(tmp_path):
+    image = _image()
+    image[2, 3, 1] = np.nan
+    path = _write(tmp_path / "nan.nii.gz", image)
+    message = _refusal(build_preprocessing(CONTRACT, keys=("image",)), {"image": path})
+    assert message.startswith(f"{path}: 1 NaN/Inf intensities"), message
+    image[2, 3, 1] = np.inf
+    path = _write(tmp_path / "inf.nii.gz", image)
+    assert "inf.nii.gz: 1 NaN/Inf" in _refusal(build_preprocessing(CONTRACT, keys=("image",)), {"image": path})
+
+
+def test_an_almost_empty_image_with_coinciding_percentiles_is_refused(tmp_path):
+    image = np.zeros((12, 12, 4), np.float32)
+    image[5, 5, :] = 3000.0  # 4 bright voxels of 576: the 1st and 99th percentiles are both 0
+    path = _write(tmp_path / "sparse.nii.gz", image)
+    message = _refusal(build_preprocessing(CONTRACT, keys=("image",)), {"image": path})
+    assert message.startswith(f"{path}: its 1th and 99th intensity percentiles are both 0"), message
+    # the prepare step / inference input check says the same, from the same function
+    assert check_case({"image": path}, num_partitions=1) == [(path, message.removeprefix(f"{path}: "))]
+
+
+def test_labels_outside_the_classes_are_refused_on_the_training_path(tmp_path):
+    label = _label()
+    label[0, 0, 0] = 3  # 3 classes: 0..2
+    data = {"image": _write(tmp_path / "i.nii.gz", _image()), "label": _write(tmp_path / "l.nii.gz", label)}
+    message = _refusal(build_preprocessing(CONTRACT, keys=("image", "label")), data)
+    assert message == f"{data['label']}: unexpected label values [3] (expected 0..2).", message
+
+
+def test_label_shape_and_affine_must_match_the_image(tmp_path):
+    image = _write(tmp_path / "i.nii.gz", _image())
+    shape = _write(tmp_path / "shape.nii.gz", _label((12, 12, 5)))
+    moved = np.diag([2.0, 2.0, 5.0, 1.0])
+    moved[0, 3] = 40.0
+    affine = _write(tmp_path / "affine.nii.gz", _label(), moved)
+    pre = build_preprocessing(CONTRACT, keys=("image", "label"))
+    assert _refusal(pre, {"image": image, "label": shape}).startswith(
+        f"{shape}: label shape (12, 12, 5) differs from image shape (12, 12, 4)")
+    assert _refusal(pre, {"image": image, "label": affine}).startswith(
+        f"{affine}: label affine differs from the image affine (largest difference 40)")
+    assert pre({"image": image, "label": _write(tmp_path / "ok.nii.gz", _label())})["label"].shape == (1, 16, 16, 4)
+
+
+def test_a_file_too_large_is_refused_from_its_header_before_reading(tmp_path, monkeypatch):
+    path = _write(tmp_path / "big.nii.gz", _image())
+    with pytest.raises(BundleError, match=r"big.nii.gz: 576 voxels \(shape \(12, 12, 4\)\), more than the 500"):
+        check_size(path, max_voxels=500)
+    import scripts.transforms as transforms
+
+    monkeypatch.setattr(transforms, "MAX_VOXELS", 500)
+    loaded = []
+    monkeypatch.setattr(transforms.LoadImaged, "__call__", lambda self, d, *a, **k: loaded.append(d) or d)
+    message = _refusal(build_preprocessing(CONTRACT, keys=("image",)), {"image": path})
+    assert message.startswith(f"{path}: 576 voxels"), message
+    assert not loaded  # refused from the header: the loader never ran
+    assert check_case({"image": path}, num_partitions=1) == [(path, message.removeprefix(f"{path}: "))]
+
+
+# ---------------------------------------------------------------- datalists and outputs
+def test_a_datalist_entry_without_a_label_is_named_in_one_line(tmp_path):
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"labelled_1_0": [{"image": "a.nii.gz", "label": "a_gt.nii.gz"},
+                                                 {"image": "b.nii.gz"}]}))
+    with pytest.raises(BundleError) as error:
+        load_datalist(str(path), "labelled_1_0", require_label=True)
+    assert str(error.value) == (f"datalist {path}: entry 1 of 'labelled_1_0' ({{\"image\": \"b.nii.gz\"}}) has no "
+                                "'label' path; every entry of 'labelled_1_0' needs 'image' and 'label'.")
+    assert len(load_datalist(str(path), "labelled_1_0")) == 2  # pre-training reads images only
+
+
+def test_inputs_of_the_same_name_in_two_folders_get_two_outputs(tmp_path):
+    for patient in ("p1", "p2"):
+        (tmp_path / patient).mkdir()
+        _write(tmp_path / patient / "image.nii.gz", _image())
+    pattern = str(tmp_path / "*" / "image.nii.gz")
+    assert glob_root(pattern) == str(tmp_path)
+    checked = InputCheck(pattern)
+    names = [output_name(c["image"], glob_root(pattern)) for c in checked.images]
+    assert names == ["p1/image", "p2/image"]
+    assert output_name(str(tmp_path / "x.nii.gz"), glob_root(str(tmp_path / "*.nii.gz"))) == "x"
+
+
+def test_inputs_that_would_write_one_output_are_refused_before_writing(tmp_path):
+    _write(tmp_path / "a.nii.gz", _image())
+    _write(tmp_path / "a.nii", _image())
+    with pytest.raises(BundleError, match=r"1 output name\(s\) would be written twice, nothing was written: "
+                                          r".*a.nii and .*a.nii.gz give the same label map name"):
+        InputCheck(str(tmp_path / "a.*"))
+
+
+def test_an_image_only_pipeline_accepts_good_volumes(tmp_path):
+    out = preprocessing(keys=("image",), image_size=16, spacing=2.0)({"image": _write(tmp_path / "g.nii.gz",
+                                                                                         _image())})
+    assert out["image"].shape == (1, 16, 16, 4)
