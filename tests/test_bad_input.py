@@ -13,6 +13,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from scripts.contract import build_preprocessing, make_contract
 from scripts.data import load_datalist
@@ -145,3 +146,72 @@ def test_an_image_only_pipeline_accepts_good_volumes(tmp_path):
     out = preprocessing(keys=("image",), image_size=16, spacing=2.0)({"image": _write(tmp_path / "g.nii.gz",
                                                                                          _image())})
     assert out["image"].shape == (1, 16, 16, 4)
+
+
+# ---------------------------------------------------------------- a training state knows its run
+def _toy_engine(path, run, resume=False):
+    from ignite.engine import Engine
+
+    from scripts.checkpoints import TrainingState
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=run.get("learning_rate", 0.1) if run else 0.1)
+
+    def step(engine, batch):
+        loss = net(torch.randn(4, 3)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    engine = Engine(step)
+    TrainingState(str(path), {"model": net, "optimizer": opt}, stage="toy", resume=resume, run=run).attach(engine)
+    return engine
+
+
+def test_a_training_state_of_another_run_is_refused_naming_the_settings(tmp_path):
+    run = {"learning_rate": 0.001, "datalist_file": "/d/datalist.json", "train_key": "labelled_2_0"}
+    _toy_engine(tmp_path / "state.pt", run).run(range(2), max_epochs=1)
+    other = dict(run, learning_rate=0.5, train_key="labelled_8_0")
+    with pytest.raises(BundleError) as error:
+        _toy_engine(tmp_path / "state.pt", other, resume=True).run(range(2), max_epochs=2)
+    assert str(error.value) == (
+        f"training state {tmp_path / 'state.pt'}: it was written by another run (learning_rate = 0.001 in the state, "
+        "0.5 now; train_key = \"labelled_2_0\" in the state, \"labelled_8_0\" now); resume with the same settings; "
+        "delete it to start the stage again.")
+    resumed = _toy_engine(tmp_path / "state.pt", run, resume=True)
+    resumed.run(range(2), max_epochs=2)
+    assert resumed.state.iteration == 4
+    _toy_engine(tmp_path / "old.pt", None).run(range(2), max_epochs=1)  # a state that records no run
+    with pytest.raises(BundleError, match="it records no run settings"):
+        _toy_engine(tmp_path / "old.pt", run, resume=True).run(range(2), max_epochs=2)
+
+
+def test_ranks_that_see_different_states_stop_together_with_one_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent / "bundle"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(here / "_resume_worker.py"), str(r), "2", str(tmp_path / "init"),
+                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, own_path in enumerate([tmp_path / "state.pt", tmp_path / "elsewhere" / "state.pt"]):
+        message = results[rank]["split"]  # each rank names the file it looked for, then the same finding
+        assert message.startswith(f"training state {own_path}: the ranks do not see the same file (rank 0: "
+                                  "iteration 2, sha256 "), message
+        assert message.endswith("rank 1: no file); every process must read the same model_dir (a shared file "
+                                "system) to resume."), message
+    assert [r["resumed_at"] for r in results] == [2, 2]
