@@ -19,7 +19,7 @@ from scripts.contract import build_preprocessing, make_contract
 from scripts.data import load_datalist
 from scripts.datasets import check_case
 from scripts.errors import BundleError, find_bundle_error
-from scripts.inference import InputCheck, glob_root, output_name
+from scripts.inference import InputCheck, glob_root, output_name, output_root
 from scripts.transforms import check_size, preprocessing
 
 CONTRACT = make_contract(16, 2.0, ["background", "a", "b"], placeholder_spacing=1.5)
@@ -122,15 +122,18 @@ def test_a_datalist_entry_without_a_label_is_named_in_one_line(tmp_path):
     assert len(load_datalist(str(path), "labelled_1_0")) == 2  # pre-training reads images only
 
 
-def test_inputs_of_the_same_name_in_two_folders_get_two_outputs(tmp_path):
+def test_inputs_of_the_same_name_in_two_folders_are_refused_or_kept_apart(tmp_path):
     for patient in ("p1", "p2"):
         (tmp_path / patient).mkdir()
         _write(tmp_path / patient / "image.nii.gz", _image())
     pattern = str(tmp_path / "*" / "image.nii.gz")
-    assert glob_root(pattern) == str(tmp_path)
-    checked = InputCheck(pattern)
-    names = [output_name(c["image"], glob_root(pattern)) for c in checked.images]
-    assert names == ["p1/image", "p2/image"]
+    with pytest.raises(BundleError, match=r"1 output name\(s\) would be written twice, nothing was written: "
+                                          r".*p1/image.nii.gz and .*p2/image.nii.gz give the same label map name; "
+                                          r"run with --keep_folders True"):
+        InputCheck(pattern)
+    assert glob_root(pattern) == str(tmp_path) == output_root(pattern, keep_folders=True)
+    checked = InputCheck(pattern, keep_folders=True)
+    assert [output_name(c["image"], glob_root(pattern)) for c in checked.images] == ["p1/image", "p2/image"]
     assert output_name(str(tmp_path / "x.nii.gz"), glob_root(str(tmp_path / "*.nii.gz"))) == "x"
 
 
