@@ -9,6 +9,7 @@ fine-tuning, pre-training and MONAI Label alike."""
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -19,8 +20,8 @@ from scripts.contract import build_preprocessing, make_contract
 from scripts.data import load_datalist
 from scripts.datasets import check_case
 from scripts.errors import BundleError, find_bundle_error
-from scripts.inference import InputCheck, glob_root, output_name, output_root
-from scripts.transforms import check_size, preprocessing
+from scripts.inference import InputCheck
+from scripts.transforms import preprocessing
 
 CONTRACT = make_contract(16, 2.0, ["background", "a", "b"], placeholder_spacing=1.5)
 
@@ -96,6 +97,8 @@ def test_label_shape_and_affine_must_match_the_image(tmp_path):
 
 
 def test_a_file_too_large_is_refused_from_its_header_before_reading(tmp_path, monkeypatch):
+    from scripts.transforms import check_size
+
     path = _write(tmp_path / "big.nii.gz", _image())
     with pytest.raises(BundleError, match=r"big.nii.gz: 576 voxels \(shape \(12, 12, 4\)\), more than the 500"):
         check_size(path, max_voxels=500)
@@ -123,6 +126,8 @@ def test_a_datalist_entry_without_a_label_is_named_in_one_line(tmp_path):
 
 
 def test_inputs_of_the_same_name_in_two_folders_are_refused_or_kept_apart(tmp_path):
+    from scripts.inference import glob_root, output_name, output_root
+
     for patient in ("p1", "p2"):
         (tmp_path / patient).mkdir()
         _write(tmp_path / patient / "image.nii.gz", _image())
@@ -218,3 +223,73 @@ def test_ranks_that_see_different_states_stop_together_with_one_error(tmp_path):
         assert message.endswith("rank 1: no file); every process must read the same model_dir (a shared file "
                                 "system) to resume."), message
     assert [r["resumed_at"] for r in results] == [2, 2]
+
+
+# ---------------------------------------------------------------- the cache heals
+def test_a_truncated_cache_entry_is_recomputed_with_a_warning_naming_it(tmp_path, caplog):
+    from scripts.data import CachedVolumes
+
+    cache = tmp_path / "cache"
+    data = [{"image": _write(tmp_path / "i.nii.gz", _image()), "label": _write(tmp_path / "l.nii.gz", _label())}]
+    pre = build_preprocessing(CONTRACT, keys=("image", "label"))
+    first = CachedVolumes(data, pre, str(cache))[0]
+    entry = CachedVolumes(data, pre, str(cache)).cache_file(0)
+    whole = open(entry, "rb").read()
+    with open(entry, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    with caplog.at_level("WARNING"):
+        again = CachedVolumes(data, pre, str(cache))[0]
+    assert f"cache entry {entry} is damaged" in caplog.text and "recomputed" in caplog.text
+    assert all(torch.equal(first[k], again[k]) for k in ("image", "label"))
+    assert open(entry, "rb").read() == whole  # replaced by a whole entry
+    assert sorted(p.name for p in cache.iterdir()) == [os.path.basename(entry)]  # no temporary file left
+
+
+# ---------------------------------------------------------------- every file written atomically
+def test_metric_csvs_are_written_through_a_temporary_file_in_their_folder(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+
+    import scripts.checkpoints as checkpoints
+    from scripts.engines import NamedMetricsSaver
+
+    copied = []
+    real_copy = checkpoints.atomic_copy
+    monkeypatch.setattr(checkpoints, "atomic_copy", lambda source, path: copied.append(path) or real_copy(source, path))
+    engine = Engine(lambda e, b: None)
+    engine.state.metrics = {"mean_dice": 0.5}
+    engine.state.metric_details = {"mean_dice": torch.tensor([[0.4, 0.6], [0.5, 0.5]])}
+    saver = NamedMetricsSaver(class_names=["a", "b"], save_dir=str(tmp_path / "eval"), metrics="*",
+                              metric_details="*", batch_transform=lambda batch: {})
+    saver(engine)
+    written = sorted(p.name for p in (tmp_path / "eval").iterdir())
+    assert written == ["mean_dice_raw.csv", "metrics.csv"], written  # and no temporary folder left
+    assert sorted(os.path.basename(p) for p in copied) == written
+    assert (tmp_path / "eval" / "mean_dice_raw.csv").read_text().startswith("filename,a,b,mean\n0,0.4,0.6,0.5")
+
+
+def test_the_packer_hashes_the_weight_copies_it_ships(tmp_path, monkeypatch):
+    import yaml
+
+    import scripts.checkpoints as checkpoints
+    from study import release
+
+    models = tmp_path / "models"
+    models.mkdir()
+    contract = release.read_metadata()["data_contract"]
+    for index, name in enumerate(("pretrained_global.pt", "pretrained_local.pt")):
+        torch.save({"model": {"w": torch.full((2,), float(index))}, "contract": contract}, models / name)
+    real_copy = checkpoints.atomic_copy
+
+    def copy_then_change_source(source, path):  # the source changes while the pack runs (e.g. a training writes it)
+        written = real_copy(source, path)
+        with open(source, "ab") as f:
+            f.write(b"changed")
+        return written
+
+    monkeypatch.setattr(checkpoints, "atomic_copy", copy_then_change_source)
+    written = release.pack(url="https://example.org/v{version}", models_dir=str(models), dist_dir=str(tmp_path / "d"),
+                           dataset="test bytes", data_licence="none")
+    for entry in yaml.safe_load(open(written["large_files"]))["large_files"]:
+        shipped = tmp_path / "d" / os.path.basename(entry["path"])
+        assert entry["hash_val"] == release.sha256(str(shipped))
+    assert not [p for p in os.listdir(tmp_path / "d") if p.endswith(".tmp")]

@@ -96,8 +96,8 @@ def test_inputs_of_the_same_name_in_two_folders_are_refused_or_kept_apart(work):
         (work / "inputs" / f"p{index}").mkdir(parents=True)
         shutil.copy(image, work / "inputs" / f"p{index}" / "image.nii.gz")
     pattern = str(work / "inputs" / "*" / "image.nii.gz")
-    arguments = ["--config_file", br.config("inference.yaml"), "--input_glob", pattern, "--checkpoint", str(work / "ft" / "models" / "model.pt"), "--output_dir", str(work / "out"),
-                 *TINY_INFERENCE]
+    arguments = ["--config_file", br.config("inference.yaml"), "--input_glob", pattern, "--checkpoint",
+                 str(work / "ft" / "models" / "model.pt"), "--output_dir", str(work / "out"), *TINY_INFERENCE]
     refused = br.run(work, "run", *arguments, expect=None)  # one output folder: refused before writing anything
     assert refused.returncode != 0 and not (work / "out").exists()
     assert last_line(refused).startswith("ERROR: 1 output name(s) would be written twice, nothing was written: "

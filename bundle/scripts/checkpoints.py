@@ -1,7 +1,8 @@
 """Checkpoints that stay whole and safe, resuming a stage, and the non-finite-loss guard.
 
-- ``atomic_save(obj, path)``: ``torch.save`` to a temporary file in the same folder, flush, fsync, ``os.replace``,
-  fsync of the folder. A crash or a kill at any point leaves either the previous file or the new one, never a part.
+- ``atomic_write(path, write)`` (and ``atomic_save``, ``atomic_write_json``, ``atomic_write_text``, ``atomic_copy``):
+  a temporary file in the same folder, flush, fsync, ``os.replace``, fsync of the folder. A crash or a kill at any
+  point leaves either the previous file or the new one, never a part.
 - ``safe_load(path)``: ``torch.load(..., weights_only=True)``. A missing, empty, truncated or corrupt file, or a
   pickle that would run code, raises a ``BundleError`` (``MissingFileError``) whose one-line message names the file
   and the problem. Nothing else is ever unpickled.
@@ -27,6 +28,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -43,7 +45,11 @@ from monai.transforms import Randomizable
 from scripts.errors import BundleError, MissingFileError
 
 __all__ = [
+    "atomic_write",
     "atomic_save",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_copy",
     "safe_load",
     "CheckpointSaver",
     "TrainingState",
@@ -58,38 +64,19 @@ STATE_FORMAT = "contrastive-seg-training-state/1"  # the "format" entry of every
 
 
 # ---------------------------------------------------------------- atomic writes and safe reads
-def atomic_write_json(obj, path: str | os.PathLike, indent: int = 2) -> str:
-    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically: a temporary file in the same folder,
-    ``os.replace``-d onto ``path`` (removed on an exception, ``path`` untouched). Returns ``path`` as a string."""
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> str:
+    """Write ``path`` atomically: ``write(file)`` fills a temporary file in the same folder (so the rename never
+    crosses file systems), which is flushed and fsync-ed, then ``os.replace``-d onto ``path``; the folder is fsync-ed
+    so that the rename itself survives a power cut. On an exception the temporary file is removed and ``path`` is
+    untouched; after a SIGKILL a ``.<name>.*.tmp`` file may stay behind, ``path`` is still the previous complete file.
+    Every file the bundle writes goes through this. Returns ``path`` as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return str(path)
-
-
-def atomic_save(obj, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` atomically; returns ``path`` as a string.
-
-    The bytes go to a temporary file in the same folder (so the final rename never crosses file systems), which
-    is flushed and fsync-ed, then ``os.replace``-d onto ``path``; the folder is fsync-ed so that the rename itself
-    survives a power cut. On an exception the temporary file is removed and ``path`` is untouched; after a
-    SIGKILL a ``.<name>.*.tmp`` file may stay behind, ``path`` is still the previous complete file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile(mode="wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
     try:
         with handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it owner-only
@@ -107,6 +94,30 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
     finally:
         os.close(folder)
     return str(path)
+
+
+def atomic_write_json(obj, path: str | os.PathLike, indent: int = 2) -> str:
+    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically (``atomic_write``)."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent) + "\n"), binary=False)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> str:
+    """Write ``text`` to ``path`` atomically (``atomic_write``)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> str:
+    """Copy the file ``source`` to ``path`` atomically (``atomic_write``)."""
+    def copy(f):
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, f, 1 << 20)
+
+    return atomic_write(path, copy)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> str:
+    """``torch.save(obj)`` to ``path`` atomically (``atomic_write``); returns ``path`` as a string."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")

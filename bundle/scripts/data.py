@@ -27,14 +27,16 @@ import logging
 import os
 import pickle
 from collections.abc import Sequence
+from copy import deepcopy
 
 import numpy as np
 import torch
 from monai.data import PersistentDataset, load_decathlon_datalist
 from monai.data.image_reader import ImageReader
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from scripts.checkpoints import atomic_write_json
+from scripts.checkpoints import atomic_save, atomic_write_json
 from scripts.contract import make_contract
 from scripts.errors import BundleError, MissingFileError
 from scripts.sampler import partition_of
@@ -228,8 +230,9 @@ class CachedVolumes(PersistentDataset):
     Args:
         data: dicts with "image" (and "label") paths, e.g. ``load_datalist(...)``.
         transform: the deterministic pre-processing (``scripts.transforms.preprocessing``).
-        cache_dir: folder of the cache files (``<key>.pt``, written atomically); None: no disk cache (every access
-            recomputes). Changed files or settings give new keys; stale files stay until the folder is deleted.
+        cache_dir: folder of the cache files (``<key>.pt``, written atomically in that folder); None: no disk cache
+            (every access recomputes). Changed files or settings give new keys; stale files stay until the folder is
+            deleted. A damaged file (truncated, corrupt) is recomputed and replaced, with a warning naming it.
 
     Items come back with plain tensors (no metadata), the same on a cache hit and a miss.
     """
@@ -244,6 +247,23 @@ class CachedVolumes(PersistentDataset):
         if self.cache_dir is None:
             return None
         return str(self.cache_dir / f"{self.hash_func(self.data[index]).decode()}{self.transform_hash}.pt")
+
+    def _cachecheck(self, item_transformed):
+        """MONAI's cache lookup, made safe: a cache file that cannot be read back (truncated, corrupt) is recomputed
+        with a warning naming it, and new entries are written atomically inside the cache folder (``atomic_save``;
+        MONAI writes them in a temporary folder elsewhere and moves them, a copy across file systems)."""
+        if self.cache_dir is None:
+            return self._pre_transform(deepcopy(item_transformed))
+        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode()}{self.transform_hash}.pt"
+        if hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=self.weights_only)
+            except Exception as error:  # any failure to read back: the entry is damaged, compute it again
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                logger.warning(f"cache entry {hashfile} is damaged ({type(error).__name__}: {reason}): recomputed.")
+        item = self._pre_transform(deepcopy(item_transformed))
+        atomic_save(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), hashfile)
+        return item
 
     def _pre_transform(self, item_transformed):
         item = super()._pre_transform(item_transformed)
