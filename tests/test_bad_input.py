@@ -293,3 +293,15 @@ def test_the_packer_hashes_the_weight_copies_it_ships(tmp_path, monkeypatch):
         shipped = tmp_path / "d" / os.path.basename(entry["path"])
         assert entry["hash_val"] == release.sha256(str(shipped))
     assert not [p for p in os.listdir(tmp_path / "d") if p.endswith(".tmp")]
+
+
+def test_evaluation_labels_outside_the_classes_are_refused(tmp_path):
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from scripts.transforms import CheckLabelsd
+
+    label = _label()
+    label[1, 1, 1] = 5
+    path = _write(tmp_path / "gt.nii.gz", label)
+    chain = Compose([LoadImaged("label", image_only=True), EnsureChannelFirstd("label"), CheckLabelsd("label", 3)])
+    assert _refusal(chain, {"label": path}) == f"{path}: unexpected label values [5] (expected 0..2)."

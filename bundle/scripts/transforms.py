@@ -200,6 +200,23 @@ class CheckSized(MapTransform):
         return d
 
 
+class CheckLabelsd(MapTransform):
+    """Refuse a label map under ``keys`` whose values lie outside ``0..num_classes-1`` (``label_problem``), naming the
+    file: for paths that load labels apart from their image (evaluation)."""
+
+    def __init__(self, keys: KeysCollection, num_classes: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            problem = label_problem(d[key], self.num_classes)
+            if problem:
+                raise BundleError(f"{_source(d[key])}: {problem}.")
+        return d
+
+
 class CheckVolumed(MapTransform):
     """The input check of the pre-processing, on every path (inference, evaluation, fine-tuning, pre-training, MONAI
     Label): on channel-first volumes (channel selected, labels remapped), before the normalisation, a ``BundleError``
