@@ -69,7 +69,7 @@ def test_an_almost_empty_image_with_coinciding_percentiles_is_refused(tmp_path):
     image[5, 5, :] = 3000.0  # 4 bright voxels of 576: the 1st and 99th percentiles are both 0
     path = _write(tmp_path / "sparse.nii.gz", image)
     message = _refusal(build_preprocessing(CONTRACT, keys=("image",)), {"image": path})
-    assert message.startswith(f"{path}: its 1th and 99th intensity percentiles are both 0"), message
+    assert message.startswith(f"{path}: its intensity percentiles 1 and 99 are both 0"), message
     # the prepare step / inference input check says the same, from the same function
     assert check_case({"image": path}, num_partitions=1) == [(path, message.removeprefix(f"{path}: "))]
 

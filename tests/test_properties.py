@@ -82,7 +82,7 @@ def expected_refusal(image: np.ndarray, label: np.ndarray) -> str | None:
         return "constant image"
     low, high = np.percentile(image.astype(np.float32), [1, 99])
     if not high > low:
-        return "its 1th and 99th intensity percentiles are both"
+        return "its intensity percentiles 1 and 99 are both"
     if label.min() < 0 or label.max() > 3:
         return "unexpected label values"
     return None

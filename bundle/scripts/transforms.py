@@ -152,8 +152,8 @@ def intensity_range(image, lower: float = 1.0, upper: float = 99.0) -> tuple[flo
         raise BundleError(f"constant image (every voxel is {low:g})")
     a, b = (float(percentile(values, q)) for q in (lower, upper))
     if not b > a:
-        raise BundleError(f"its {lower:g}th and {upper:g}th intensity percentiles are both {a:g} (most voxels share "
-                          f"one value, e.g. an almost empty image), so the normalisation cannot scale it")
+        raise BundleError(f"its intensity percentiles {lower:g} and {upper:g} are both {a:g} (most voxels share one "
+                          f"value, e.g. an almost empty image), so the normalisation cannot scale it")
     return a, b
 
 
