@@ -463,6 +463,9 @@ def test_a_nan_volume_sent_to_infer_is_refused_naming_the_problem(server, tmp_pa
                         files={"file": ("nan_volume.nii.gz", f, "application/octet-stream")})
     assert r.status_code >= 400, "a NaN volume was segmented"
     log(f"  the refusal's message is in the response: {'NaN/Inf intensities' in r.text}")
+    deadline = time.time() + 30  # the server's traceback reaches its log a moment after the response
+    while "1 NaN/Inf intensities" not in server.log_text() and time.time() < deadline:
+        time.sleep(1)
     assert "1 NaN/Inf intensities" in server.log_text()
     assert server.call("GET", "/info/").status_code == 200
 
