@@ -3,9 +3,9 @@
 Pre-processing, over random volume shapes (single slices too), voxel spacings, affines (axis permutations, flips,
 origins, the identity placeholder), image and label dtypes, and bad inputs (NaN/Inf, negative and sparse intensities,
 constant volumes, labels beyond the classes): a bad input gives one BundleError naming the file and the problem
-(predicted here from the arrays); any other gives no exception, and the image comes out float32, (1, size, size, Z) with Z
-the number of slices along the chosen slice axis, finite, within the percentile-scaled input range; the label has
-the same shape and only input label values.
+(predicted here from the arrays); any other gives no exception, and the image comes out float32, (1, size, size, Z)
+with Z the number of slices along the chosen slice axis, finite, within the percentile-scaled input range; the label
+has the same shape and only input label values.
 Sampler, over random slice counts, partition numbers, batch sizes, ranks and epochs: either a ValueError for an
 impossible request (fewer eligible volumes per rank than a batch needs) or batches of exactly M distinct volumes x
 S partitions, volume-major, each slice inside its partition, every volume from this rank's shard, no blanks.
