@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -121,6 +120,18 @@ def large_files(weights: dict[str, str], url: str) -> list[dict]:
     prefix = url.rstrip("/")
     return [{"path": rel, "url": f"{prefix}/{os.path.basename(rel)}", "hash_val": sha256(path), "hash_type": "sha256"}
             for rel, path in weights.items()]
+
+
+def ship_weights(weights: dict[str, str], dist_dir: str) -> dict[str, str]:
+    """Copy the weights into ``dist_dir`` atomically (``atomic_copy``), after removing any weight file of an earlier
+    pack; returns ``{path in the bundle: the copy}``."""
+    from scripts.checkpoints import atomic_copy
+
+    for rel in (*REQUIRED_WEIGHTS, *OPTIONAL_WEIGHTS):   # no stale weight file of an earlier pack stays beside it
+        stale = os.path.join(dist_dir, os.path.basename(rel))
+        if os.path.isfile(stale):
+            os.remove(stale)
+    return {rel: atomic_copy(path, os.path.join(dist_dir, os.path.basename(rel))) for rel, path in weights.items()}
 
 
 def git_commit(root: str = ROOT) -> str:
@@ -224,7 +235,6 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     version = read_metadata(bundle_dir)["version"]
     weights = weight_files(models_dir)
     contract = weights_contract(weights)
-    entries = large_files(weights, (url or DEFAULT_URL).format(version=version))
     commands = commands or os.path.join(models_dir, COMMANDS_LOG)
     recorded = open(commands).read() if os.path.isfile(commands) else None
     if dataset is None or data_licence is None:
@@ -234,9 +244,10 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
                                f"commands ({commands}) do not show the embedded synthetic data.")
         dataset, data_licence = dataset or DEFAULT_DATASET, data_licence or DEFAULT_DATA_LICENCE
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    listing = yaml.safe_dump({"large_files": entries}, sort_keys=False)
-
     os.makedirs(dist_dir, exist_ok=True)
+    shipped = ship_weights(weights, dist_dir)   # the copies, written atomically, are what the listing hashes
+    entries = large_files(shipped, (url or DEFAULT_URL).format(version=version))
+    listing = yaml.safe_dump({"large_files": entries}, sort_keys=False)
     archive_path = os.path.join(dist_dir, f"{name}_v{version}{tag}.zip")
     tmp = archive_path + ".tmp"
     with zipfile.ZipFile(tmp, "w") as archive:
@@ -251,18 +262,11 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
             _zip_write(archive, f"{name}/{rel}", data)
         _zip_write(archive, f"{name}/large_files.yml", listing.encode())
     os.replace(tmp, archive_path)
+    written = {"archive": archive_path, "large_files": os.path.join(dist_dir, "large_files.yml"),
+               "weights": list(shipped.values())}
+    from scripts.checkpoints import atomic_write_text
 
-    for rel in (*REQUIRED_WEIGHTS, *OPTIONAL_WEIGHTS):   # no stale weight file of an earlier pack stays beside it
-        stale = os.path.join(dist_dir, os.path.basename(rel))
-        if os.path.isfile(stale):
-            os.remove(stale)
-    written = {"archive": archive_path, "large_files": os.path.join(dist_dir, "large_files.yml"), "weights": []}
-    for rel, path in weights.items():
-        target = os.path.join(dist_dir, os.path.basename(rel))
-        shutil.copyfile(path, target)
-        written["weights"].append(target)
-    with open(written["large_files"], "w") as f:
-        f.write(listing)
+    atomic_write_text(listing, written["large_files"])
     if recorded is None:
         print(f"warning: {commands} not found: the model card says the commands were not recorded", file=sys.stderr)
     if url is None:

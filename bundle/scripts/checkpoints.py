@@ -1,7 +1,8 @@
 """Checkpoints that stay whole and safe, resuming a stage, and the non-finite-loss guard.
 
-- ``atomic_save(obj, path)``: ``torch.save`` to a temporary file in the same folder, flush, fsync, ``os.replace``,
-  fsync of the folder. A crash or a kill at any point leaves either the previous file or the new one, never a part.
+- ``atomic_write(path, write)`` (and ``atomic_save``, ``atomic_write_json``, ``atomic_write_text``, ``atomic_copy``):
+  a temporary file in the same folder, flush, fsync, ``os.replace``, fsync of the folder. A crash or a kill at any
+  point leaves either the previous file or the new one, never a part.
 - ``safe_load(path)``: ``torch.load(..., weights_only=True)``. A missing, empty, truncated or corrupt file, or a
   pickle that would run code, raises a ``BundleError`` (``MissingFileError``) whose one-line message names the file
   and the problem. Nothing else is ever unpickled.
@@ -20,12 +21,14 @@ Granularity: the training state is saved at epoch boundaries (``iterations_per_e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -42,7 +45,11 @@ from monai.transforms import Randomizable
 from scripts.errors import BundleError, MissingFileError
 
 __all__ = [
+    "atomic_write",
     "atomic_save",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_copy",
     "safe_load",
     "CheckpointSaver",
     "TrainingState",
@@ -57,38 +64,19 @@ STATE_FORMAT = "contrastive-seg-training-state/1"  # the "format" entry of every
 
 
 # ---------------------------------------------------------------- atomic writes and safe reads
-def atomic_write_json(obj, path: str | os.PathLike, indent: int = 2) -> str:
-    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically: a temporary file in the same folder,
-    ``os.replace``-d onto ``path`` (removed on an exception, ``path`` untouched). Returns ``path`` as a string."""
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> str:
+    """Write ``path`` atomically: ``write(file)`` fills a temporary file in the same folder (so the rename never
+    crosses file systems), which is flushed and fsync-ed, then ``os.replace``-d onto ``path``; the folder is fsync-ed
+    so that the rename itself survives a power cut. On an exception the temporary file is removed and ``path`` is
+    untouched; after a SIGKILL a ``.<name>.*.tmp`` file may stay behind, ``path`` is still the previous complete file.
+    Every file the bundle writes goes through this. Returns ``path`` as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return str(path)
-
-
-def atomic_save(obj, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` atomically; returns ``path`` as a string.
-
-    The bytes go to a temporary file in the same folder (so the final rename never crosses file systems), which
-    is flushed and fsync-ed, then ``os.replace``-d onto ``path``; the folder is fsync-ed so that the rename itself
-    survives a power cut. On an exception the temporary file is removed and ``path`` is untouched; after a
-    SIGKILL a ``.<name>.*.tmp`` file may stay behind, ``path`` is still the previous complete file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile(mode="wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
     try:
         with handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it owner-only
@@ -106,6 +94,30 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
     finally:
         os.close(folder)
     return str(path)
+
+
+def atomic_write_json(obj, path: str | os.PathLike, indent: int = 2) -> str:
+    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically (``atomic_write``)."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent) + "\n"), binary=False)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> str:
+    """Write ``text`` to ``path`` atomically (``atomic_write``)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> str:
+    """Copy the file ``source`` to ``path`` atomically (``atomic_write``)."""
+    def copy(f):
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, f, 1 << 20)
+
+    return atomic_write(path, copy)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> str:
+    """``torch.save(obj)`` to ``path`` atomically (``atomic_write``); returns ``path`` as a string."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
@@ -258,6 +270,25 @@ def _set_rng_states(states: Mapping, randomizables: Sequence[Randomizable]) -> N
 
 
 # ---------------------------------------------------------------- training state: save every N epochs, resume
+def file_hash(path) -> str | None:
+    """sha256 (hex) of the file at ``path``; None when ``path`` is None or empty (no file used)."""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path} not found.")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plain_settings(settings: Mapping | None) -> dict | None:
+    """``settings`` as plain JSON values (tuples become lists, other objects their ``str``), what a training state
+    stores and compares."""
+    return None if settings is None else json.loads(json.dumps(dict(settings), default=str))
+
+
 class TrainingState:
     """Handler: save the training state of a stage every ``interval`` epochs, and resume from it.
 
@@ -278,9 +309,14 @@ class TrainingState:
         evaluator: the validation engine: its ``best_metric`` / ``best_metric_epoch`` are saved and restored.
         savers: ``CheckpointSaver`` s whose best-model record (scores and file names) is saved and restored, so
             that model selection after a resume compares with the best before it.
+        run: the settings that determine the stage's result (resolved hyper-parameters, datalist file and key, the
+            initialisation and its checkpoint's ``file_hash``, the data contract, the seed; not the epoch budget),
+            stored in the state; on resume a state written with other values is refused, naming each difference.
 
     Under torch.distributed every rank takes part in each save (the RNG states of all ranks are gathered);
-    rank 0 writes the file; on resume every rank reads it and takes its own RNG states. The world size must match.
+    rank 0 writes the file; on resume every rank reads it and takes its own RNG states. The world size must match,
+    and the ranks compare what they found (file present, iteration, sha256) before any resumes: a rank that sees
+    another file or none, or refuses it, stops every rank with the same one-line error.
     Attach it after the other handlers (it records the RNGs as they are when the epoch's handlers are done).
     ``engine.training_state_path`` is set to ``path`` (``NonFiniteGuard`` names it).
 
@@ -301,6 +337,7 @@ class TrainingState:
         samplers: Sequence = (),
         evaluator: Engine | None = None,
         savers: Sequence = (),
+        run: Mapping | None = None,
     ):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int, got {interval!r}.")
@@ -310,6 +347,7 @@ class TrainingState:
         self.randomizables = find_randomizables(randomizables) if randomizables is not None else []
         self.samplers, self.evaluator = list(samplers), evaluator
         self.savers = [s._key_metric_checkpoint for s in savers if getattr(s, "_key_metric_checkpoint", None)]
+        self.run = plain_settings(run)
 
     def attach(self, engine: Engine) -> None:
         engine.training_state_path = self.path
@@ -353,6 +391,8 @@ class TrainingState:
             "rng": rng,
             "savers": [s.state_dict() for s in self.savers],
         }
+        if self.run is not None:
+            state["run"] = self.run
         if self.evaluator is not None:
             state["best"] = {"metric": float(self.evaluator.state.best_metric),
                              "epoch": int(self.evaluator.state.best_metric_epoch)}
@@ -369,11 +409,17 @@ class TrainingState:
 
     def load(self, engine: Engine) -> None:
         """Restore the state from ``path`` into the objects and ``engine`` (an ``Events.STARTED`` handler)."""
-        if not os.path.isfile(self.path):
+        found, state, problem = os.path.isfile(self.path), None, None
+        if found:
+            try:
+                state = safe_load(self.path, what="training state")
+                self._check(state, engine)
+            except BundleError as error:
+                problem = str(error)
+        self._agree(found, state, problem)
+        if not found:
             logger.warning(f"{self.stage}: resume requested but {self.path} does not exist: starting from iteration 0.")
             return
-        state = safe_load(self.path, what="training state")
-        self._check(state, engine)
         for key, obj in self.save_dict.items():
             try:
                 obj.load_state_dict(state["objects"][key])
@@ -395,6 +441,26 @@ class TrainingState:
         _set_rng_states(state["rng"][_rank()], self.randomizables)
         logger.info(f"{self.stage}: resumed from {self.path} at epoch {engine.state.epoch} "
                     f"(iteration {engine.state.iteration}) of {max_epochs}.")
+
+    def _agree(self, found: bool, state, problem: str | None) -> None:
+        """Raise ``problem`` (a ``BundleError`` message) on every rank when any rank has one, or when the ranks did
+        not find the same state (present, iteration, sha256); a no-op in a single process without a problem."""
+        mine = {"found": found, "problem": problem, "hash": file_hash(self.path) if found else None,
+                "iteration": state["trainer"].get("iteration") if problem is None and state is not None else None}
+        everyone = [mine]
+        if _world_size() > 1:
+            everyone = [None] * _world_size()
+            dist.all_gather_object(everyone, mine)
+        refused = [(rank, view["problem"]) for rank, view in enumerate(everyone) if view["problem"]]
+        if refused:
+            rank, message = refused[0]
+            raise BundleError(message if _world_size() == 1 else f"rank {rank}: {message}")
+        views = {(v["found"], v["iteration"], v["hash"]) for v in everyone}
+        if len(views) > 1:
+            seen = "; ".join(f"rank {r}: " + (f"iteration {v['iteration']}, sha256 {v['hash'][:12]}" if v["found"]
+                                               else "no file") for r, v in enumerate(everyone))
+            raise BundleError(f"training state {self.path}: the ranks do not see the same file ({seen}); every "
+                              "process must read the same model_dir (a shared file system) to resume.")
 
     def _check(self, state, engine: Engine) -> None:
         def refuse(problem: str):
@@ -420,9 +486,25 @@ class TrainingState:
         saved_length = state["trainer"].get("epoch_length")
         if engine.state.epoch_length is not None and saved_length != engine.state.epoch_length:
             refuse(f"its epochs have {saved_length} iterations, this run's have {engine.state.epoch_length}")
+        if self.run is not None:
+            saved = state.get("run")
+            if saved is None:
+                refuse("it records no run settings (written by an older version), so it cannot be checked against "
+                       "this run")
+            changed = [k for k in sorted(set(saved) | set(self.run)) if saved.get(k) != self.run.get(k)]
+            if changed:
+                listing = "; ".join(f"{k} = {_short(saved.get(k))} in the state, {_short(self.run.get(k))} now"
+                                    for k in changed)
+                refuse(f"it was written by another run ({listing}); resume with the same settings")
         epochs = state["trainer"]["iteration"] // max(1, saved_length or 1)
         if engine.state.max_epochs is not None and epochs > engine.state.max_epochs:
             refuse(f"it is at epoch {epochs}, beyond this run's max_epochs={engine.state.max_epochs}")
+
+
+def _short(value) -> str:
+    """A setting's value for a one-line message (long values cut)."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---------------------------------------------------------------- non-finite loss guard

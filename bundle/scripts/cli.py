@@ -47,11 +47,9 @@ def compare(
     text = "\n\n".join(parts)
     print(text)
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        tmp = output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, output)
+        from scripts.checkpoints import atomic_write_text
+
+        atomic_write_text(text + "\n", output)
 
 
 def curves(output: str, **curves: str) -> None:

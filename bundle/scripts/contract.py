@@ -180,12 +180,12 @@ def _check_overrides(contract: Mapping, source: str, overrides: Mapping) -> None
 
 def preprocessing_arguments(contract: Mapping, label: bool = False) -> dict:
     """Keyword arguments of ``scripts.transforms.preprocessing`` from a contract (``label``: include the labels'
-    raw values)."""
+    raw values and the class count)."""
     arguments = {k: contract[k] for k in ("image_size", "spacing", "slice_axis", "placeholder_spacing", "channel")}
     norm = contract["normalisation"]
     arguments.update(lower_percentile=norm["lower_percentile"], upper_percentile=norm["upper_percentile"])
     if label:
-        arguments["label_values"] = contract["label_values"]
+        arguments.update(label_values=contract["label_values"], num_classes=contract["num_classes"])
     return arguments
 
 

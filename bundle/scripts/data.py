@@ -27,14 +27,16 @@ import logging
 import os
 import pickle
 from collections.abc import Sequence
+from copy import deepcopy
 
 import numpy as np
 import torch
 from monai.data import PersistentDataset, load_decathlon_datalist
 from monai.data.image_reader import ImageReader
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from scripts.checkpoints import atomic_write_json
+from scripts.checkpoints import atomic_save, atomic_write_json
 from scripts.contract import make_contract
 from scripts.errors import BundleError, MissingFileError
 from scripts.sampler import partition_of
@@ -142,8 +144,10 @@ def _is_case_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(c, dict) and "image" in c for c in value)
 
 
-def load_datalist(path: str, key: str) -> list[dict]:
-    """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a clear error for a missing key."""
+def load_datalist(path: str, key: str, require_label: bool = False) -> list[dict]:
+    """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a one-line error for a missing key,
+    an entry that is not ``{"image": path, ...}`` or, with ``require_label`` (fine-tuning, validation, evaluation),
+    an entry without a "label"."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise MissingFileError(f"datalist {path} not found: prepare the data first (prepare.yaml) or point "
@@ -156,6 +160,13 @@ def load_datalist(path: str, key: str) -> list[dict]:
     keys = [k for k, v in content.items() if isinstance(v, list)]
     if key not in keys:
         raise BundleError(f"datalist {path} has no list '{key}'; it has: {', '.join(keys)}.")
+    needed = ("image", "label") if require_label else ("image",)
+    for index, entry in enumerate(content[key]):
+        missing = [k for k in needed if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise BundleError(f"datalist {path}: entry {index} of '{key}' ({json.dumps(entry)[:200]}) has no "
+                              f"{' and no '.join(repr(k) for k in missing)} path; every entry of '{key}' needs "
+                              f"{' and '.join(repr(k) for k in needed)}.")
     return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
 
 
@@ -219,8 +230,9 @@ class CachedVolumes(PersistentDataset):
     Args:
         data: dicts with "image" (and "label") paths, e.g. ``load_datalist(...)``.
         transform: the deterministic pre-processing (``scripts.transforms.preprocessing``).
-        cache_dir: folder of the cache files (``<key>.pt``, written atomically); None: no disk cache (every access
-            recomputes). Changed files or settings give new keys; stale files stay until the folder is deleted.
+        cache_dir: folder of the cache files (``<key>.pt``, written atomically in that folder); None: no disk cache
+            (every access recomputes). Changed files or settings give new keys; stale files stay until the folder is
+            deleted. A damaged file (truncated, corrupt) is recomputed and replaced, with a warning naming it.
 
     Items come back with plain tensors (no metadata), the same on a cache hit and a miss.
     """
@@ -235,6 +247,23 @@ class CachedVolumes(PersistentDataset):
         if self.cache_dir is None:
             return None
         return str(self.cache_dir / f"{self.hash_func(self.data[index]).decode()}{self.transform_hash}.pt")
+
+    def _cachecheck(self, item_transformed):
+        """MONAI's cache lookup, made safe: a cache file that cannot be read back (truncated, corrupt) is recomputed
+        with a warning naming it, and new entries are written atomically inside the cache folder (``atomic_save``;
+        MONAI writes them in a temporary folder elsewhere and moves them, a copy across file systems)."""
+        if self.cache_dir is None:
+            return self._pre_transform(deepcopy(item_transformed))
+        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode()}{self.transform_hash}.pt"
+        if hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=self.weights_only)
+            except Exception as error:  # any failure to read back: the entry is damaged, compute it again
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                logger.warning(f"cache entry {hashfile} is damaged ({type(error).__name__}: {reason}): recomputed.")
+        item = self._pre_transform(deepcopy(item_transformed))
+        atomic_save(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), hashfile)
+        return item
 
     def _pre_transform(self, item_transformed):
         item = super()._pre_transform(item_transformed)

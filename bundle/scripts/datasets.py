@@ -34,7 +34,7 @@ import numpy as np
 from scripts.contract import build_preprocessing, make_contract
 from scripts.errors import BundleError
 from scripts.data import CachedVolumes, split_patients, write_datalist
-from scripts.transforms import choose_slice_axis
+from scripts.transforms import check_size, choose_slice_axis, geometry_problem, intensity_range, label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -485,32 +485,38 @@ def check_case(
     label_values: Sequence[int] | None = None,
     num_partitions: int = 4,
     slice_axis: int | str = "auto",
+    percentiles: Sequence[float] = (1.0, 99.0),
 ) -> list[tuple[str, str]]:
-    """Every problem of one case, as (path, message): read each file once and check what training relies on.
+    """Every problem of one case, as (path, message): read each file once and check what training relies on, with
+    the pre-processing's own checks (``scripts.transforms``: ``check_size`` before reading, ``intensity_range``,
+    ``geometry_problem``, ``label_problem``), so a case accepted here is accepted by the pre-processing.
 
-    ``label_values``: the values a label may hold (None: any non-negative integer).
+    ``label_values``: the values a label may hold (None: any non-negative integer). ``percentiles``: the
+    normalisation's (lower, upper) percentiles (the data contract's ``normalisation``).
     """
-    return _inspect(case, channel, label_values, num_partitions, slice_axis)[0]
+    return _inspect(case, channel, label_values, num_partitions, slice_axis, percentiles)[0]
 
 
-def _inspect(case, channel, label_values, num_partitions, slice_axis) -> tuple[list[tuple[str, str]], dict]:
+def _inspect(case, channel, label_values, num_partitions, slice_axis, percentiles=(1.0, 99.0)
+             ) -> tuple[list[tuple[str, str]], dict]:
     """(problems, facts): facts are "slices" (along the slice axis) and "max_label" when they could be read."""
     problems, facts = [], {}
     image_path, label_path = case["image"], case.get("label")
     try:
+        check_size(image_path)
         loaded = _load(image_path)
+    except BundleError as error:
+        return [(image_path, str(error).removeprefix(f"{image_path}: "))], facts
     except Exception as error:
         return [(image_path, f"cannot be read ({_first_line(error)})")], facts
     affine = np.asarray(loaded.affine, dtype=np.float64)
     data, found = _volume(np.asarray(loaded), channel, "image")
     problems += [(image_path, p) for p in found]
     if data is not None:
-        finite = np.isfinite(data)
-        if not finite.all():
-            problems.append((image_path, f"{int((~finite).sum())} NaN/Inf intensities"))
-        values = data[finite]
-        if values.size and values.min() == values.max():
-            problems.append((image_path, f"constant image (every voxel is {values.min():g})"))
+        try:
+            intensity_range(data, *percentiles)
+        except BundleError as error:
+            problems.append((image_path, str(error)))
         axis = choose_slice_axis(affine, slice_axis)
         facts["slices"] = int(data.shape[axis])
         if data.shape[axis] < num_partitions:
@@ -519,22 +525,22 @@ def _inspect(case, channel, label_values, num_partitions, slice_axis) -> tuple[l
     if label_path is None:
         return problems, facts
     try:
+        check_size(label_path)
         loaded_label = _load(label_path)
+    except BundleError as error:
+        return problems + [(label_path, str(error).removeprefix(f"{label_path}: "))], facts
     except Exception as error:
         return problems + [(label_path, f"cannot be read ({_first_line(error)})")], facts
     label, found = _volume(np.asarray(loaded_label), None, "label")
     problems += [(label_path, p) for p in found]
     if label is None:
         return problems, facts
-    if data is not None and label.shape != data.shape:
-        problems.append((label_path, f"label shape {label.shape} differs from image shape {data.shape}"))
-    label_affine = np.asarray(loaded_label.affine, dtype=np.float64)
-    difference = float(np.abs(label_affine - affine).max())
-    if difference > 1e-3 * max(1.0, float(np.abs(affine).max())):
-        problems.append((label_path, f"label affine differs from the image affine "
-                                     f"(largest difference {difference:.4g})"))
+    if data is not None:
+        mismatch = geometry_problem(data.shape, affine, label.shape, loaded_label.affine)
+        if mismatch:
+            problems.append((label_path, mismatch))
     found_values = np.unique(label)
-    if not np.all(np.isfinite(found_values)) or not np.all(found_values == np.round(found_values)):
+    if label_problem(found_values) == "label has non-integer values":
         problems.append((label_path, "label has non-integer values"))
         return problems, facts
     facts["max_label"] = int(found_values.max())
@@ -557,6 +563,7 @@ def validate(
     slice_axis: int | str = "auto",
     on_error: str = "raise",
     num_workers: int = 0,
+    percentiles: Sequence[float] = (1.0, 99.0),
 ) -> list[dict]:
     """The cases of ``raw`` that pass ``check_case``, after reporting every problem found.
 
@@ -571,7 +578,7 @@ def validate(
         allowed = list(range(len(raw.labels)))
 
     def check(case):
-        return _inspect(case, raw.channel, allowed, num_partitions, slice_axis)
+        return _inspect(case, raw.channel, allowed, num_partitions, slice_axis, percentiles)
 
     if num_workers > 1:
         with ThreadPool(num_workers) as pool:
@@ -655,7 +662,9 @@ def prepare(
     settings = dict(preprocessing or {})
     if not {"image_size", "spacing"} <= set(settings):
         raise BundleError(f"prepare needs the pre-processing settings image_size and spacing, got {settings}.")
-    cases = validate(source, num_partitions, settings.get("slice_axis", "auto"), on_error, cache_workers)
+    norm = settings.get("normalisation") or {"lower_percentile": 1.0, "upper_percentile": 99.0}
+    cases = validate(source, num_partitions, settings.get("slice_axis", "auto"), on_error, cache_workers,
+                     (norm["lower_percentile"], norm["upper_percentile"]))
     datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed)
     kept = {c["image"] for c in cases}
     datalist.update(

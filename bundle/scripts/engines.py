@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -116,7 +119,9 @@ class LossProgressBar:
 
 class NamedMetricsSaver(MetricsSaver):
     """MONAI's ``MetricsSaver`` whose per-class columns and rows carry the class names (``class_names``, foreground
-    classes in order) instead of ``class0, class1, ...``; everything else is MONAI's."""
+    classes in order) instead of ``class0, class1, ...``, and whose files are written atomically (MONAI writes them
+    into a temporary folder inside ``save_dir``; each is then copied into place with ``atomic_copy``, so a reader
+    never sees a half-written CSV); everything else is MONAI's."""
 
     def __init__(self, class_names: Sequence[str], **kwargs):
         super().__init__(**kwargs)
@@ -126,12 +131,20 @@ class NamedMetricsSaver(MetricsSaver):
         # MetricsSaver does not pass class labels on to write_metrics_reports (monai 1.6): supply them for this call
         import monai.handlers.metrics_saver as saver
 
-        original = saver.write_metrics_reports
+        from scripts.checkpoints import atomic_copy
+
+        original, save_dir = saver.write_metrics_reports, self.save_dir
         saver.write_metrics_reports = functools.partial(original, class_labels=self.class_names)
+        os.makedirs(save_dir, exist_ok=True)
+        self.save_dir = tempfile.mkdtemp(dir=save_dir, prefix=".metrics-")
         try:
             super().__call__(engine)
+            for name in sorted(os.listdir(self.save_dir)):
+                atomic_copy(os.path.join(self.save_dir, name), os.path.join(save_dir, name))
         finally:
             saver.write_metrics_reports = original
+            shutil.rmtree(self.save_dir, ignore_errors=True)
+            self.save_dir = save_dir
 
 
 class PlateauStop:

@@ -23,6 +23,7 @@ independent random draw per slice and no Python loop over slices: the data loade
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -99,6 +100,156 @@ def _check_3d(img, key: Hashable) -> None:
             f"{_source(img)}: '{key}' has {img.ndim - 1} spatial dimensions (shape {tuple(img.shape[1:])}), "
             "a 3D volume is expected."
         )
+
+
+# ---------------------------------------------------------------- input checks (one copy, used on every path)
+MAX_VOXELS = 2**28  # largest volume accepted (voxels, all channels: 268 M, e.g. 512 x 512 x 1024): refused unread
+
+
+def header_shape(path) -> tuple[int, ...] | None:
+    """The array shape a NIfTI/Analyze file declares in its header, read without loading the data; None when the
+    file is not one nibabel reads by its header (MONAI's loader then deals with it)."""
+    import nibabel as nib
+
+    try:
+        return tuple(int(n) for n in nib.load(str(path)).shape)
+    except Exception:  # not a nibabel format, unreadable: LoadImage reports it
+        return None
+
+
+def check_size(path, max_voxels: int | None = None) -> None:
+    """Refuse a file whose header declares more than ``max_voxels`` voxels (None: ``MAX_VOXELS``) with a
+    ``BundleError`` naming it, before its data are read into memory."""
+    max_voxels = MAX_VOXELS if max_voxels is None else int(max_voxels)
+    shape = header_shape(path)
+    if shape is not None and int(np.prod(shape, dtype=np.int64)) > max_voxels:
+        raise BundleError(f"{path}: {int(np.prod(shape, dtype=np.int64))} voxels (shape {shape}), more than the "
+                          f"{max_voxels} this bundle accepts (scripts/transforms.py: MAX_VOXELS); crop or resample it.")
+
+
+def _plain_tensor(array) -> torch.Tensor:
+    """A plain tensor of an array, tensor or MetaTensor (no metadata to carry along)."""
+    if isinstance(array, MetaTensor):
+        return array.as_tensor()
+    return array if isinstance(array, torch.Tensor) else torch.as_tensor(np.asarray(array))
+
+
+def intensity_range(image, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float]:
+    """The ``lower`` and ``upper`` intensity percentiles of ``image`` (array or tensor, any shape), which the
+    normalisation maps to 0 and 1, computed as MONAI's ``ScaleIntensityRangePercentiles`` does.
+
+    Raises ``BundleError`` (the message names the problem, not the file: callers add it) when the image holds NaN or
+    infinite values, is constant, or its two percentiles coincide (e.g. an image that is mostly zero with a few
+    bright voxels): the scaling would return NaN everywhere or leave the image unscaled."""
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+    values = _plain_tensor(image).to(torch.float32)  # the pipeline's dtype (EnsureTyped)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        raise BundleError(f"{int((~finite).sum())} NaN/Inf intensities")
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise BundleError(f"constant image (every voxel is {low:g})")
+    a, b = (float(percentile(values, q)) for q in (lower, upper))
+    if not b > a:
+        raise BundleError(f"its intensity percentiles {lower:g} and {upper:g} are both {a:g} (most voxels share one "
+                          f"value, e.g. an almost empty image), so the normalisation cannot scale it")
+    return a, b
+
+
+def label_problem(label, num_classes: int | None = None) -> str | None:
+    """What is wrong with the values of a label map (array or tensor), or None: non-integer values, or values outside
+    0..num_classes-1 (``num_classes`` None: outside the non-negative integers)."""
+    values = torch.unique(_plain_tensor(label).to(torch.float64))
+    if not bool(torch.isfinite(values).all()) or not bool((values == torch.round(values)).all()):
+        return "label has non-integer values"
+    bad = values[(values < 0) | (values >= num_classes)] if num_classes is not None else values[values < 0]
+    if bad.numel():
+        expected = "non-negative integers" if num_classes is None else f"0..{num_classes - 1}"
+        return f"unexpected label values {[int(v) for v in bad.tolist()][:10]} (expected {expected})"
+    return None
+
+
+def geometry_problem(image_shape, image_affine, label_shape, label_affine) -> str | None:
+    """What differs between an image and its label map (spatial shapes; affines beyond 0.1 % of the largest entry),
+    or None. Affines may be None (not known: not compared)."""
+    if tuple(label_shape) != tuple(image_shape):
+        return f"label shape {tuple(label_shape)} differs from image shape {tuple(image_shape)}"
+    if image_affine is None or label_affine is None:
+        return None
+    image_affine, label_affine = (np.asarray(a, dtype=np.float64) for a in (image_affine, label_affine))
+    difference = float(np.abs(label_affine - image_affine).max())
+    if difference > 1e-3 * max(1.0, float(np.abs(image_affine).max())):
+        return f"label affine differs from the image affine (largest difference {difference:.4g})"
+    return None
+
+
+class CheckSized(MapTransform):
+    """Before loading: refuse a file under ``keys`` whose header declares more than ``max_voxels`` voxels (None:
+    ``MAX_VOXELS``; ``check_size``). Entries that are not paths (arrays) pass."""
+
+    def __init__(self, keys: KeysCollection, max_voxels: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.max_voxels = max_voxels
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], (str, bytes, os.PathLike)):
+                check_size(d[key], self.max_voxels)
+        return d
+
+
+class CheckLabelsd(MapTransform):
+    """Refuse a label map under ``keys`` whose values lie outside ``0..num_classes-1`` (``label_problem``), naming the
+    file: for paths that load labels apart from their image (evaluation)."""
+
+    def __init__(self, keys: KeysCollection, num_classes: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            problem = label_problem(d[key], self.num_classes)
+            if problem:
+                raise BundleError(f"{_source(d[key])}: {problem}.")
+        return d
+
+
+class CheckVolumed(MapTransform):
+    """The input check of the pre-processing, on every path (inference, evaluation, fine-tuning, pre-training, MONAI
+    Label): on channel-first volumes (channel selected, labels remapped), before the normalisation, a ``BundleError``
+    naming the file when the image holds NaN/Inf, is constant or has coinciding normalisation percentiles
+    (``intensity_range``), or when a label map has more than one channel, values outside ``0..num_classes-1``
+    (``label_problem``), or a shape or affine that differs from the image's (``geometry_problem``).
+
+    ``keys``: the image first, then label maps (absent labels are skipped)."""
+
+    def __init__(self, keys: KeysCollection, lower_percentile: float = 1.0, upper_percentile: float = 99.0,
+                 num_classes: int | None = None):
+        super().__init__(keys, allow_missing_keys=True)
+        self.lower, self.upper = float(lower_percentile), float(upper_percentile)
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        image_key, label_keys = self.keys[0], self.keys[1:]
+        image = d[image_key]
+        try:
+            intensity_range(image, self.lower, self.upper)
+        except BundleError as error:
+            raise BundleError(f"{_source(image)}: {error}") from None
+        for key in label_keys:
+            if key not in d:
+                continue
+            label = d[key]
+            problem = f"label has {label.shape[0]} channels" if label.shape[0] != 1 else geometry_problem(
+                image.shape[1:], getattr(image, "affine", None), label.shape[1:], getattr(label, "affine", None))
+            problem = problem or label_problem(label, self.num_classes)
+            if problem:
+                raise BundleError(f"{_source(label)}: {problem}.")
+        return d
 
 
 class SelectChanneld(MapTransform):
@@ -302,6 +453,7 @@ def preprocessing(
     placeholder_spacing: float | None = None,
     channel: int | None = None,
     label_values: Sequence[int] | None = None,
+    num_classes: int | None = None,
 ) -> Compose:
     """Dictionary pre-processing for ``keys`` (the first is the image, any others are label maps).
 
@@ -317,6 +469,12 @@ def preprocessing(
         channel: which channel of a multi-channel (4D) image to use; None: images must be 3D.
         label_values: raw value of each class in the label files (``values[i]`` -> class i), e.g. MMWHS; None: the
             files hold class indices already.
+        num_classes: classes including the background: label values (after remapping) must lie in 0..num_classes-1;
+            None: any non-negative integer.
+
+    Every volume is checked on the way (``CheckSized`` before loading, ``CheckVolumed`` before the normalisation):
+    a file too large, with NaN/Inf or without a usable intensity range, or a label that does not fit its image or the
+    classes, stops with a ``BundleError`` naming the file, on every path that uses this pre-processing.
 
     Output: "image" float32 (1, image_size, image_size, Z), labels (1, image_size, image_size, Z), Z the number of
     slices along the slice axis. Arguments are normalised (floats, ints, tuples), so equal settings give equal
@@ -325,7 +483,7 @@ def preprocessing(
     keys = tuple(keys)
     image, labels = keys[0], keys[1:]
     spacing, image_size = float(spacing), int(image_size)
-    steps = [LoadImaged(keys, image_only=True)] if load else []
+    steps = [CheckSized(keys, allow_missing_keys=True), LoadImaged(keys, image_only=True)] if load else []
     steps += [
         EnsureChannelFirstd(keys),
         SelectChanneld(image, channel),
@@ -334,6 +492,7 @@ def preprocessing(
     if labels and label_values is not None:
         steps.append(RemapLabelsd(labels, label_values))
     steps += [
+        CheckVolumed(keys, lower_percentile, upper_percentile, num_classes if labels else None),
         ScaleIntensityRangePercentilesd(
             image, lower=float(lower_percentile), upper=float(upper_percentile), b_min=0.0, b_max=1.0, clip=False
         ),

@@ -520,3 +520,67 @@ def test_activelearning_coverage_answers_unlabelled_images_around_the_labelled_o
         assert second in unlabelled - {first}
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- bad inputs through the server (issue 25)
+def _wait_for_training(server) -> dict:
+    deadline, status = time.time() + TRAIN_TIMEOUT, {}
+    while time.time() < deadline:
+        time.sleep(5)
+        status = requests.get(server.url + "/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+    return status
+
+
+def test_a_nan_volume_sent_to_infer_is_refused_naming_the_problem(server, tmp_path):
+    """One NaN voxel used to give a 200 with an all-background map; the pre-processing's check now refuses it. MONAI
+    Label answers an exception with a bare HTTP 500: the one-line message is in the server's log."""
+    source = nib.load(os.path.join(server.studies, server.unlabelled[0] + ".nii.gz"))
+    data = np.asarray(source.dataobj, dtype=np.float32).copy()
+    data[0, 0, 0] = np.nan
+    path = str(tmp_path / "nan_volume.nii.gz")
+    nib.save(nib.Nifti1Image(data, source.affine), path)
+    with open(path, "rb") as f:
+        r = server.call("POST", f"/infer/{MODEL_NAME}?output=image",
+                        files={"file": ("nan_volume.nii.gz", f, "application/octet-stream")})
+    assert r.status_code >= 400, "a NaN volume was segmented"
+    log(f"  the refusal's message is in the response: {'NaN/Inf intensities' in r.text}")
+    deadline = time.time() + 30  # the server's traceback reaches its log a moment after the response
+    while "1 NaN/Inf intensities" not in server.log_text() and time.time() < deadline:
+        time.sleep(1)
+    assert "1 NaN/Inf intensities" in server.log_text()
+    assert server.call("GET", "/info/").status_code == 200
+
+
+def test_a_label_beyond_the_classes_stops_train_with_the_file_named(server, tmp_path):
+    """A label value >= the class count used to end /train with a raw "index out of bounds"; the pre-processing now
+    names the file and the values. The study's own label is put back afterwards."""
+    image_id = server.labelled[0]
+    original = os.path.join(server.studies, "labels", "final", image_id + ".nii.gz")
+    good = str(tmp_path / "good_label.nii.gz")
+    shutil.copy(original, good)
+    label = nib.load(good)
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 7
+    bad = str(tmp_path / "bad_label.nii.gz")
+    nib.save(nib.Nifti1Image(data, label.affine, label.header), bad)
+
+    def put_label(path):
+        with open(path, "rb") as f:
+            r = server.call("PUT", f"/datastore/label?image={image_id}&tag=final",
+                            files={"label": (image_id + ".nii.gz", f, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+
+    put_label(bad)
+    try:
+        params = {"device": "cpu", "max_epochs": 1, "val_split": 0.34, "multi_gpu": False, "pretrained": True,
+                  "tracking": "None", "model_filename": "model.pt"}
+        assert server.call("POST", f"/train/{MODEL_NAME}", json=params).status_code == 200
+        status = _wait_for_training(server)
+        log(f"GET /train/ -> status {status.get('status')}")
+        assert status.get("status") == "ERROR", json.dumps(status, indent=1)[-3000:]
+        assert "unexpected label values [7] (expected 0..3)" in server.log_text()
+        assert "index out of bounds" not in server.log_text()
+    finally:
+        put_label(good)
