@@ -119,6 +119,10 @@ def test_pack_refuses_a_missing_weight_file_and_names_the_run(tmp_path):
     card = zipfile.ZipFile(release.pack(models_dir=str(models), dist_dir=str(tmp_path / "d"))["archive"])
     text = card.read(f"{NAME}/docs/README.md").decode()
     assert "run prepare_synthetic" in text and "synthetic" in text.split("**Data**")[1]
+    # the demo's weights say what they are, in the card and in the metadata
+    assert "Demo weights (synthetic), not for transfer" in text
+    meta = json.loads(card.read(f"{NAME}/configs/metadata.json"))
+    assert meta["intended_use"].startswith("demo weights (synthetic), not for transfer")
 
 
 def test_version_command_sets_version_and_changelog(tmp_path):
