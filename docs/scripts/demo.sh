@@ -76,9 +76,12 @@ SUBSET_LIST=$(printf "'%s'," "${SUBSETS[@]}")
 PYTHONPATH=bundle "$PY" -m scripts.cli compare \
     --results "{'random init': 'bundle/eval/random_init/{subset}/test', 'pre-trained': 'bundle/eval/pretrained/{subset}/test'}" \
     --subsets "[${SUBSET_LIST%,}]" "${REFERENCE_ARGS[@]}" --stops bundle/eval --output bundle/eval/demo_results.md
-# the table says which run it is: seed, commit, date
+# the table says which run it is (seed, commit, date) and where the demo's recipe differs from the shipped defaults
 { echo "make demo, SEED=$SEED, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u '+%Y-%m-%d')"
-  echo; cat bundle/eval/demo_results.md; } > bundle/eval/demo_results.md.tmp
+  echo; cat bundle/eval/demo_results.md
+  echo; echo "Settings that differ from the configs' defaults ($DEMO/demo_pretrain.yaml, $DEMO/demo_finetune.yaml):"
+  echo; grep -h '^[a-z]' "$DEMO/demo_pretrain.yaml" "$DEMO/demo_finetune.yaml" | sed -e 's/  *# .*//' -e 's/^/- /'; } \
+    > bundle/eval/demo_results.md.tmp
 mv bundle/eval/demo_results.md.tmp bundle/eval/demo_results.md
 PYTHONPATH=bundle "$PY" -m scripts.cli curves --output bundle/eval/demo_curves.png \
     --global_loss=bundle/eval/pretrain_global:global_loss --local_loss=bundle/eval/pretrain_local:local_loss \
