@@ -1,7 +1,8 @@
 # One entry point per job; every target builds its own virtual environment first.
 #   make demo   pre-train, fine-tune (pre-trained vs random), evaluate on the embedded synthetic data (< 15 min, 2 CPUs;
 #               SEED=1 for another draw of the data and of every initialisation)
-#   make test   the test suite (what CI runs)
+#   make test   lint, then the test suite (what CI runs)
+#   make lint   flake8 and isort (check only) over the Python code, configured in setup.cfg
 #   make bundle the release: dist/<name>_v<version>.zip + weight files + large_files.yml (docs/use_pretrained.md)
 #   make release DATA=<ACDC folder>   the release trained on real data, resumable (docs/release.md; QUICK=1: a test)
 #   make test-monailabel   the bundle served and trained by a real MONAI Label server (own venv: docs/monailabel.md)
@@ -17,7 +18,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP   = $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 
-.PHONY: venv demo test test-all test-monailabel venv-monailabel verify bundle version bench gpu-check experiments report \
+.PHONY: venv demo lint test test-all test-monailabel venv-monailabel verify bundle version bench gpu-check experiments report \
         clean
 
 # torch is installed first, pinned (TORCH_PIP): the project's install then keeps that build
@@ -35,7 +36,13 @@ SEED ?= 0
 demo: venv
 	PY=$(PY) SEED=$(SEED) bash docs/scripts/demo.sh
 
-test: venv
+# the model zoo's checks: flake8 and isort in check mode, with setup.cfg's settings (120 columns, black's import layout)
+LINT_PATHS := bundle study tests setup.py
+lint: venv
+	$(PY) -m flake8 $(LINT_PATHS)
+	$(PY) -m isort --check-only --diff $(LINT_PATHS)
+
+test: venv lint
 	$(PY) -m pytest -q
 
 test-all: venv

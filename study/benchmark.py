@@ -74,6 +74,7 @@ from scripts.losses import (
 )
 from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D
 from scripts.transforms import RandBrightnessContrast, RandCropResize
+from study.progress import progress
 
 __all__ = [
     "measure_time",
@@ -221,11 +222,6 @@ def _memory_note(device: torch.device) -> str:
     return MEMORY_NOTE.format(how=how)
 
 
-def _progress(message: str, quiet: bool) -> None:
-    if not quiet:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _loss_fn_and_grad(loss: nn.Module, inputs: Tensor, metadata: dict[str, Tensor]) -> Callable[[], None]:
     """A closure running the loss forward and its backward to ``inputs`` (torch.autograd.grad, no accumulation)."""
     call = MetadataLoss(loss)
@@ -324,7 +320,7 @@ def bench_global_loss(
             row = {"strategy": strategy, "images": n, "volumes": n // per_volume, "features": features,
                    "positive_pairs": positives, **result}
             rows.append(row)
-            _progress(f"[global] {strategy:<12} N={n:<4} {row['time_ms']:9.3f} ms  {row['peak_mib']:8.3f} MiB", quiet)
+            progress(f"[global] {strategy:<12} N={n:<4} {row['time_ms']:9.3f} ms  {row['peak_mib']:8.3f} MiB", quiet)
     return rows
 
 
@@ -384,7 +380,7 @@ def bench_local_loss(
                 row = {"strategy": strategy, "mode": mode, "regions": k, "images": n, "channels": channels,
                        "feature_size": feature_size, **result}
                 rows.append(row)
-                _progress(
+                progress(
                     f"[local]  {strategy:<7} {mode:<5} K={k:<4} N={n:<3} {row['time_ms']:9.2f} ms  "
                     f"{row['peak_mib']:9.2f} MiB",
                     quiet,
@@ -483,8 +479,8 @@ def bench_step_share(
             optimizer.zero_grad(set_to_none=True)
 
         images = num_slices * num_views
-        _progress(f"[step]   {stage:<6} {strategy:<12} {mode or '':<5} {regions or '':<3} {image_size}px x {images}: "
-                  f"timing the step ...", quiet)
+        progress(f"[step]   {stage:<6} {strategy:<12} {mode or '':<5} {regions or '':<3} {image_size}px x {images}: "
+                 f"timing the step ...", quiet)
         step_ms, step_reps = measure_time(step, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
         step_peak = measure_peak_memory(step, device)
         with torch.no_grad():
@@ -504,8 +500,8 @@ def bench_step_share(
             "step_peak_mib": step_peak / MIB, "loss_peak_mib": loss_peak / MIB,
         }
         rows.append(row)
-        _progress(f"[step]   {stage:<6} {strategy:<12} step {step_ms:9.1f} ms, loss {loss_ms:8.2f} ms "
-                  f"-> {row['share_pct']:.2f}%", quiet)
+        progress(f"[step]   {stage:<6} {strategy:<12} step {step_ms:9.1f} ms, loss {loss_ms:8.2f} ms "
+                 f"-> {row['share_pct']:.2f}%", quiet)
         del net, optimizer, unet, loss_input
     return rows
 

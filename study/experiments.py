@@ -350,8 +350,8 @@ def build_jobs(plan: dict) -> list[Job]:
         elif size is None:
             jid, selection = f"{init['name']}-xlall-seed{seed}", {"train_key": "labelled_all"}
         else:
-            jid, selection = f"{init['name']}-xl{size}-subset{subset}-seed{seed}", {"num_labelled": size,
-                                                                                     "subset": subset}
+            jid = f"{init['name']}-xl{size}-subset{subset}-seed{seed}"
+            selection = {"num_labelled": size, "subset": subset}
         folder = os.path.join(exp, "runs", jid)
         run_paths = {**paths, "model_dir": os.path.join(folder, "models"), "output_dir": os.path.join(folder, "eval")}
         if init["checkpoint"] is not None:   # encoder + decoder blocks 1..l of the given checkpoint
@@ -614,8 +614,8 @@ class Estimator:
 
 
 def _kind_of_step(step: str) -> str:
-    return {"pretrain_global": "global", "pretrain_local": "local"}.get(step, "prepare" if step.startswith("prepare")
-                                                                         else step)
+    fallback = "prepare" if step.startswith("prepare") else step
+    return {"pretrain_global": "global", "pretrain_local": "local"}.get(step, fallback)
 
 
 def _machine() -> dict:

@@ -38,7 +38,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from scripts.checkpoints import atomic_save
-from study.benchmark import _progress
+from study.progress import progress
 
 __all__ = ["STAGES", "prepare_data", "stage_parser", "bench_pipeline", "format_line"]
 
@@ -176,7 +176,7 @@ def bench_pipeline(
     rows = []
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
         dataset_dir = os.path.join(work, "data")
-        _progress("[pipeline] preparing the synthetic data ...", quiet)
+        progress("[pipeline] preparing the synthetic data ...", quiet)
         prepare_data(dataset_dir, prepare_overrides)
         for stage in stages:
             parser = stage_parser(stage, dataset_dir, work, overrides)
@@ -187,8 +187,8 @@ def bench_pipeline(
             trainer = parser.get_parsed_content(f"{prefix}#trainer")
             step, images = _model_step(trainer, next(iter(trainer.data_loader)))
             half = max(1, iterations // 2)
-            _progress(f"[pipeline] {stage}: model-only steps, then {warmup} + {iterations} iterations of the "
-                      "workflow, then model-only steps ...", quiet)
+            progress(f"[pipeline] {stage}: model-only steps, then {warmup} + {iterations} iterations of the "
+                     "workflow, then model-only steps ...", quiet)
             model_s = _time_steps(step, warmup, half)
             pipeline_s, pipeline_images = _time_pipeline(trainer, warmup, iterations)
             model_s += _time_steps(step, 1, half)
@@ -197,7 +197,7 @@ def bench_pipeline(
                    "num_workers": parser.get_parsed_content(f"{prefix}#dataloader#num_workers"),
                    "pipeline_ips": pipeline_ips, "model_ips": model_ips, "ratio": pipeline_ips / model_ips}
             rows.append(row)
-            _progress(f"[pipeline] {format_line(row)}", quiet)
+            progress(f"[pipeline] {format_line(row)}", quiet)
             del trainer, parser
     return rows
 

@@ -4,8 +4,10 @@ hash-checks them with.
 
 Repository tooling, not shipped in the archive. From the repository root::
 
-    PYTHONPATH=bundle python -m study.release version minor "what changed"   # metadata.json: version + changelog entry (make version)
-    PYTHONPATH=bundle python -m study.release pack --url https://host/releases/v0.2.0   # dist/<name>_v<version>.zip etc. (make bundle)
+    # metadata.json: version + changelog entry (make version)
+    PYTHONPATH=bundle python -m study.release version minor "what changed"
+    # dist/<name>_v<version>.zip etc. (make bundle)
+    PYTHONPATH=bundle python -m study.release pack --url https://host/releases/v0.2.0
 
 ``pack`` writes into ``dist/``:
 
@@ -346,6 +348,7 @@ def main() -> None:
     except ReleaseError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
 
 if __name__ == "__main__":
     main()

@@ -151,8 +151,8 @@ def test_inputs_that_would_write_one_output_are_refused_before_writing(tmp_path)
 
 
 def test_an_image_only_pipeline_accepts_good_volumes(tmp_path):
-    out = preprocessing(keys=("image",), image_size=16, spacing=2.0)({"image": _write(tmp_path / "g.nii.gz",
-                                                                                         _image())})
+    image = _write(tmp_path / "g.nii.gz", _image())
+    out = preprocessing(keys=("image",), image_size=16, spacing=2.0)({"image": image})
     assert out["image"].shape == (1, 16, 16, 4)
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from study import benchmark
 from scripts.losses import GLOBAL_STRATEGIES, LOCAL_STRATEGIES
+from study import benchmark
 
 
 def _assert_measured(rows, time_keys=("time_ms",), memory_keys=("peak_mib",)):

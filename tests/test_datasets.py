@@ -13,8 +13,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.data import CachedVolumes, datalist_info, label_names, load_datalist
 from scripts.contract import make_contract
+from scripts.data import CachedVolumes, datalist_info, label_names, load_datalist
 from scripts.datasets import ACDC_LABELS, acdc, check_case, decathlon, fill_cache, folder, mmwhs, prepare, validate
 from scripts.transforms import preprocessing
 

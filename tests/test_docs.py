@@ -1,7 +1,8 @@
 """The documented commands and snippets, checked as a stranger would copy them.
 
-Every shell command in README.md, docs/*.md, docs/study/*.md and the model card (bundle/docs/README.md) that runs ``monai.bundle`` or
-``make`` is found in fenced blocks and in inline code spans, parsed, and checked without running the workflow:
+Every shell command in README.md, docs/*.md, docs/study/*.md and the model card (bundle/docs/README.md) that runs
+``monai.bundle`` or ``make`` is found in fenced blocks and in inline code spans, parsed, and checked without running the
+workflow:
 
 - ``monai.bundle <verb>``: the verb exists; each config / metadata file it names exists (paths are tried from the
   repository root, then from the bundle folder, as the docs say); the run id is a key of the merged configs; each

@@ -237,7 +237,8 @@ if have_onnx == "True":
     onnx_export("network_def", filepath=exports["onnx"], input_shape=[1, 1, 64, 64], converter_kwargs={
         "input_names": ["image"], "output_names": ["pred"],
         "dynamic_axes": {"image": {0: "batch"}, "pred": {0: "batch"}}}, **common)
-run(config_file=f"{C}/inference.yaml", input_glob=volume, checkpoint=model, output_dir=os.path.join(work, "pred_pytorch"))
+run(config_file=f"{C}/inference.yaml", input_glob=volume, checkpoint=model,
+    output_dir=os.path.join(work, "pred_pytorch"))
 for kind, path in exports.items():
     run(config_file=[f"{C}/inference.yaml", f"{C}/inference_exported.yaml"], input_glob=volume, checkpoint=model,
         exported_model=path, output_dir=os.path.join(work, f"pred_{kind}"))

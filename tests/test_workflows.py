@@ -33,7 +33,8 @@ def bundle(cwd, *args, pythonpath=False):
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "bundle")} if pythonpath else None
     result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
                             env=env)
-    assert result.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{output}"
     return result.stdout + result.stderr
 
 
@@ -41,7 +42,8 @@ def bundle(cwd, *args, pythonpath=False):
 def workspace(tmp_path_factory):
     """Every stage once, run from a scratch directory (not the repository, not the bundle)."""
     work = tmp_path_factory.mktemp("work")
-    paths = ["--dataset_dir", str(work / "data"), "--model_dir", str(work / "models"), "--output_dir", str(work / "eval")]
+    paths = ["--dataset_dir", str(work / "data"), "--model_dir", str(work / "models"),
+             "--output_dir", str(work / "eval")]
     logs = {}
     logs["prepare"] = bundle(work, "run", "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"),
                              *paths, "--synthetic#num_patients", "6", "--synthetic#num_validation", "1",

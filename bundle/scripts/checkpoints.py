@@ -457,8 +457,10 @@ class TrainingState:
             raise BundleError(message if _world_size() == 1 else f"rank {rank}: {message}")
         views = {(v["found"], v["iteration"], v["hash"]) for v in everyone}
         if len(views) > 1:
-            seen = "; ".join(f"rank {r}: " + (f"iteration {v['iteration']}, sha256 {v['hash'][:12]}" if v["found"]
-                                               else "no file") for r, v in enumerate(everyone))
+            seen = "; ".join(
+                f"rank {r}: " + (f"iteration {v['iteration']}, sha256 {v['hash'][:12]}" if v["found"] else "no file")
+                for r, v in enumerate(everyone)
+            )
             raise BundleError(f"training state {self.path}: the ranks do not see the same file ({seen}); every "
                               "process must read the same model_dir (a shared file system) to resume.")
 

@@ -32,8 +32,8 @@ from multiprocessing.pool import ThreadPool
 import numpy as np
 
 from scripts.contract import build_preprocessing, make_contract
-from scripts.errors import BundleError
 from scripts.data import CachedVolumes, split_patients, write_datalist
+from scripts.errors import BundleError
 from scripts.transforms import check_size, choose_slice_axis, geometry_problem, intensity_range, label_problem
 
 logger = logging.getLogger(__name__)

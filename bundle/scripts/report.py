@@ -134,7 +134,8 @@ def stop_summary(output_dir: str, stages: Sequence[str] = ("global", "local")) -
 
 
 def read_scalars(log_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the scalar ``tag`` in the TensorBoard event files of ``log_dir`` (as the handlers wrote them)."""
+    """(steps, values) of the scalar ``tag`` in the TensorBoard event files of ``log_dir`` (as the handlers wrote
+    them)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0})

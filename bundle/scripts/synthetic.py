@@ -260,7 +260,7 @@ def _crescent(theta: np.ndarray, thickness: float, wrap: float, skew: float) -> 
     return thickness * np.clip(1.0 - (d / wrap) ** 2, 0.0, None) ** RV_TIP_EXPONENT
 
 
-# ---- parameters -------------------------------------------------------------------------------------------------------
+# ---- parameters ------------------------------------------------------------------------------------------------------
 def _check_options(options: dict) -> None:
     unknown = set(options) - set(_OPTIONS)
     if unknown:
@@ -399,7 +399,7 @@ def _draw_params(rng: np.random.Generator, options: dict) -> _Params:
     return _Params(**d)
 
 
-# ---- rendering --------------------------------------------------------------------------------------------------------
+# ---- rendering -------------------------------------------------------------------------------------------------------
 def _paint_background(img: np.ndarray, u: np.ndarray, v: np.ndarray, t: float, p: _Params, rng) -> None:
     """Body, fat, muscle, lungs (+ vessels), spine, aorta, liver and stomach, in the chest frame (u, v)."""
     ti = p.intensity
@@ -444,7 +444,8 @@ def _paint_background(img: np.ndarray, u: np.ndarray, v: np.ndarray, t: float, p
 def _render_heart(img: np.ndarray, label: np.ndarray, u, v, t: float, k: int, p: _Params, rng) -> None:
     """Pericardial fat, atrium, RV (+ free wall), myocardium, LV and papillary muscles, painted over the background.
 
-    ``img`` and ``label`` are C-contiguous (H, W) slices modified in place; the work is done on the pixels near the heart.
+    ``img`` and ``label`` are C-contiguous (H, W) slices modified in place; the work is done on the pixels near the
+    heart.
     """
     ti = p.intensity
     centre = p.tilt * t + p.heart_jitter[k]
@@ -585,7 +586,7 @@ def make_volume(seed: int, **options) -> tuple[np.ndarray, np.ndarray, tuple[flo
     return image.astype(np.float32), label, p.spacing
 
 
-# ---- writing ----------------------------------------------------------------------------------------------------------
+# ---- writing ---------------------------------------------------------------------------------------------------------
 def _save_atomic(array: np.ndarray, spacing: tuple[float, float, float], path: str) -> None:
     """Write a NIfTI file under a temporary name in the same folder, then rename it into place."""
     folder, name = os.path.split(path)
@@ -605,7 +606,9 @@ def patient_seed(seed: int, index: int) -> int:
 
 
 def write_dataset(output_dir: str, num_patients: int = 30, seed: int = 0, overwrite: bool = False) -> list[dict]:
-    """Write num_patients volumes in the ACDC layout; returns [{"image": path, "label": path, "patient": "patient001"}, ...].
+    """Write num_patients volumes in the ACDC layout.
+
+    Returns [{"image": path, "label": path, "patient": "patient001"}, ...].
 
     ``<output_dir>/patientNNN/patientNNN_frame01.nii.gz`` (float32) and ``..._frame01_gt.nii.gz`` (uint8), affine
     diag(sx, sy, sz, 1). Same seed -> identical file contents; patient i uses ``patient_seed(seed, i)``, so adding

@@ -33,13 +33,12 @@ import threading
 import time
 import zipfile
 
+import monailabel  # noqa: F401  (only in .venv-monailabel: `make test-monailabel`; missing there is a failure)
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
-
-import monailabel  # noqa: F401  (only in .venv-monailabel: `make test-monailabel`; missing there is a failure)
 import requests
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUNDLE = os.path.join(ROOT, "bundle")
@@ -65,7 +64,8 @@ def log(msg):
 def bundle_key() -> str:
     """Hash of the bundle's configs and scripts: cached short-run weights are reused only for the same code."""
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(BUNDLE, "configs", "*")) + glob.glob(os.path.join(BUNDLE, "scripts", "*.py"))):
+    code_files = glob.glob(os.path.join(BUNDLE, "configs", "*")) + glob.glob(os.path.join(BUNDLE, "scripts", "*.py"))
+    for path in sorted(code_files):
         h.update(os.path.relpath(path, BUNDLE).encode())
         with open(path, "rb") as f:
             h.update(f.read())
@@ -230,7 +230,8 @@ class Server:
             image_id = os.path.basename(image).replace(".nii.gz", "")
             shutil.copy(image, os.path.join(self.studies, image_id + ".nii.gz"))
             if item in labelled:
-                shutil.copy(os.path.join(self.data_dir, item["label"]), os.path.join(self.studies, "labels", "final", image_id + ".nii.gz"))
+                final_label = os.path.join(self.studies, "labels", "final", image_id + ".nii.gz")
+                shutil.copy(os.path.join(self.data_dir, item["label"]), final_label)
             ids.append(image_id)
         log(f"studies folder {self.studies}: labelled {ids[:len(labelled)]}, unlabelled {ids[len(labelled):]}")
         return ids[:len(labelled)], ids[len(labelled):]
