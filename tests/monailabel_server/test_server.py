@@ -463,14 +463,16 @@ def test_train_through_the_server_writes_the_model_the_next_infer_uses(server, t
 
 
 # ---------------------------------------------------------------- the cold-start strategy (its own server)
-# The lines docs/monailabel.md tells a user to add to the sample app's main.py (init_strategies), before its log line.
-COVERAGE_LINES = f'''        import sys  # the bundle's cold start: POST /activelearning/coverage (docs/monailabel.md)
-        bundle = self.models["{MODEL_NAME}"]
-        sys.path.insert(0, bundle)
-        from scripts.active_learning import CoverageStrategy
-        sys.path.remove(bundle)
-        strategies["coverage"] = CoverageStrategy(bundle)
-'''
+# The lines docs/monailabel.md tells a user to add to the sample app's main.py (init_strategies), before its log line:
+# read from the doc, so the test runs what the doc says.
+def documented_coverage_lines() -> str:
+    with open(os.path.join(ROOT, "docs", "monailabel.md")) as f:
+        blocks = re.findall(r"```text\n(.*?)```", f.read(), flags=re.S)
+    found = [b for b in blocks if "CoverageStrategy(bundle)" in b]
+    assert len(found) == 1, "docs/monailabel.md: the block of lines that declare the coverage strategy not found"
+    return found[0]
+
+
 STRATEGIES_LOG_LINE = '        logger.info(f"Active Learning Strategies:: {list(strategies.keys())}")'
 
 
@@ -479,7 +481,7 @@ def add_coverage_strategy(main_py: str) -> None:
         text = f.read()
     assert STRATEGIES_LOG_LINE in text, f"{main_py}: init_strategies has changed; docs/monailabel.md needs updating"
     with open(main_py, "w") as f:
-        f.write(text.replace(STRATEGIES_LOG_LINE, COVERAGE_LINES + STRATEGIES_LOG_LINE))
+        f.write(text.replace(STRATEGIES_LOG_LINE, documented_coverage_lines() + STRATEGIES_LOG_LINE))
 
 
 def test_activelearning_coverage_answers_unlabelled_images_around_the_labelled_ones(synthetic, tmp_path_factory):
