@@ -12,6 +12,7 @@ import json
 import math
 
 import yaml
+
 from _bundle_runs import ROOT, config, run
 
 DEMO_PRETRAIN = ROOT / "docs" / "scripts" / "demo_pretrain.yaml"
