@@ -18,11 +18,15 @@ from ignite.engine import Engine, Events
 from scripts.checkpoints import TrainingState
 from scripts.errors import BundleError
 
+RUN = {"lr": 0.1}   # what the toy run records
 
-def toy(path: str, resume: bool) -> Engine:
+
+def toy(path, run: dict | None, resume: bool = False) -> Engine:
+    """A one-parameter engine with a TrainingState at ``path`` recording ``run`` (None: a state that records no run);
+    its SGD learning rate is ``run["learning_rate"]`` (default 0.1). Also used by test_bad_input.py."""
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=run.get("learning_rate", 0.1) if run else 0.1)
 
     def step(engine, batch):
         loss = net(torch.randn(4, 3)).pow(2).mean()
@@ -32,20 +36,20 @@ def toy(path: str, resume: bool) -> Engine:
         return {"loss": loss.detach()}
 
     engine = Engine(step)
-    TrainingState(path, {"model": net, "optimizer": opt}, stage="toy", resume=resume, run={"lr": 0.1}).attach(engine)
+    TrainingState(str(path), {"model": net, "optimizer": opt}, stage="toy", resume=resume, run=run).attach(engine)
     return engine
 
 
 def main(rank: int, world: int, init: str, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     shared = f"{folder}/state.pt"
-    toy(shared, resume=False).run(range(2), max_epochs=1)
+    toy(shared, RUN).run(range(2), max_epochs=1)
     result = {}
     try:
-        toy(shared if rank == 0 else f"{folder}/elsewhere/state.pt", resume=True).run(range(2), max_epochs=2)
+        toy(shared if rank == 0 else f"{folder}/elsewhere/state.pt", RUN, resume=True).run(range(2), max_epochs=2)
     except BundleError as error:
         result["split"] = str(error)
-    engine = toy(shared, resume=True)
+    engine = toy(shared, RUN, resume=True)
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: result.setdefault("resumed_at", e.state.iteration))
     engine.run(range(2), max_epochs=2)
     with open(f"{folder}/rank{rank}.json", "w") as f:

@@ -158,24 +158,9 @@ def test_an_image_only_pipeline_accepts_good_volumes(tmp_path):
 
 # ---------------------------------------------------------------- a training state knows its run
 def _toy_engine(path, run, resume=False):
-    from ignite.engine import Engine
+    from _resume_worker import toy
 
-    from scripts.checkpoints import TrainingState
-
-    torch.manual_seed(0)
-    net = torch.nn.Linear(3, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=run.get("learning_rate", 0.1) if run else 0.1)
-
-    def step(engine, batch):
-        loss = net(torch.randn(4, 3)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return {"loss": loss.detach()}
-
-    engine = Engine(step)
-    TrainingState(str(path), {"model": net, "optimizer": opt}, stage="toy", resume=resume, run=run).attach(engine)
-    return engine
+    return toy(path, run, resume)
 
 
 def test_a_training_state_of_another_run_is_refused_naming_the_settings(tmp_path):
