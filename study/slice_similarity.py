@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
-CONFIGS = [os.path.join(BUNDLE, "configs", name) for name in ("train.yaml", "pretrain.yaml")]
+from study.global_start import CONFIGS  # train.yaml + pretrain.yaml, as the global stage reads them
 
 
 def slice_similarity(slices: torch.Tensor, volume: np.ndarray, partition: np.ndarray) -> dict[str, float]:
