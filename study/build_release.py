@@ -31,11 +31,11 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
 
 import yaml
 
+from scripts.checkpoints import atomic_copy, atomic_write_text
 from study import experiments
 from study.release import ROOT, ReleaseError, pack
 
@@ -178,12 +178,6 @@ def model_card(plan: dict, reports: dict, finetuning: dict, record: dict, lines:
     ])
 
 
-def _copy(source: str, target: str) -> None:
-    tmp = target + ".tmp"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
 def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_unconverged: bool = False,
           finetune_epochs: int | None = None, release_dir: str | None = None, dist: str | None = None,
           url: str | None = None, dataset: str | None = None, data_licence: str | None = None,
@@ -197,7 +191,7 @@ def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_u
     exp = plan["experiment_dir"]
     os.makedirs(exp, exist_ok=True)
     plan_file = os.path.join(exp, "release_plan.yaml")
-    experiments._write_text(plan_file, yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
+    atomic_write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), plan_file)
     if experiments.run(plan_file, echo=echo, kinds=("prepare", "global", "local")):
         raise ReleaseError(f"pre-training did not finish: see the logs under {exp} and run the same command again.")
     reports = stop_reports(plan)
@@ -214,11 +208,11 @@ def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_u
     models = os.path.join(exp, "release", "models")   # the three weight files and the commands, as pack reads them
     os.makedirs(models, exist_ok=True)
     for stage in ("global", "local"):
-        _copy(os.path.join(exp, jobs[stage].info["checkpoint"]), os.path.join(models, f"pretrained_{stage}.pt"))
-    _copy(os.path.join(exp, record["model_dir"], "model.pt"), os.path.join(models, "model.pt"))
+        atomic_copy(os.path.join(exp, jobs[stage].info["checkpoint"]), os.path.join(models, f"pretrained_{stage}.pt"))
+    atomic_copy(os.path.join(exp, record["model_dir"], "model.pt"), os.path.join(models, "model.pt"))
     commands = os.path.join(models, "commands.log")
     invoked = shlex.join(["python", "-m", "study.build_release", *sys.argv[1:]]) if sys.argv[1:] else "build()"
-    experiments._write_text(commands, f"# make release: {invoked}\n{command_lines(plan)}\n")
+    atomic_write_text(f"# make release: {invoked}\n{command_lines(plan)}\n", commands)
 
     known = KNOWN_DATA.get(prepare, (None, None))
     raw = os.path.basename(os.path.normpath(data))

@@ -28,13 +28,12 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from scripts.checkpoints import atomic_write_json
+from scripts.checkpoints import atomic_write, atomic_write_json
 from scripts.data import load_datalist
 from scripts.errors import BundleError
 from scripts.networks import UNet2D, load_pretrained
@@ -198,31 +197,13 @@ def selection_rows(cases: Sequence[Mapping], distances: np.ndarray, chosen: Sequ
              "pc1": f"{points[i, 0]:.6f}", "pc2": f"{points[i, 1]:.6f}"} for i, case in enumerate(cases)]
 
 
-def _replace_atomically(path: str, write) -> str:
-    """Call ``write(temporary_path)``, then rename the temporary file (same folder) onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_csv(rows: Sequence[Mapping], path: str) -> str:
     """``rows`` (dicts with the same keys) as a CSV file at ``path``, written atomically."""
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return _replace_atomically(path, write)
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return atomic_write(path, write, binary=False)
 
 
 def plot_selection(points: np.ndarray, chosen: Sequence[int], title: str, path: str) -> str | None:
@@ -246,7 +227,7 @@ def plot_selection(points: np.ndarray, chosen: Sequence[int], title: str, path: 
     ax.legend(frameon=False)
     fig.tight_layout()
     try:
-        return _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     finally:
         plt.close(fig)
 
