@@ -25,7 +25,6 @@ It refuses to pack when a pre-trained checkpoint is missing, naming the run that
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -71,12 +70,10 @@ class ReleaseError(ValueError):
 
 # ---------------------------------------------------------------- pieces
 def sha256(path: str) -> str:
-    """Hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of the file at ``path`` (the bundle's ``file_hash``, which the training states record too)."""
+    from scripts.checkpoints import file_hash
+
+    return file_hash(path)
 
 
 def read_metadata(bundle_dir: str = BUNDLE_DIR) -> dict:
