@@ -2,15 +2,17 @@
 fine-tuning on the embedded data. Exactly one set of checkpoints and one log are written (rank 0); each rank's
 pre-training batches come from its own shard of the volumes, disjoint from the other rank's in every epoch; the
 2-process ``model.pt`` loads and evaluates with the ordinary single-process ``evaluate.yaml``; ``--resume True``
-continues a stage under torchrun."""
+continues a stage under torchrun and ends with the weights, bit for bit, of an uninterrupted run."""
 
 from __future__ import annotations
 
 import csv
 import os
 import re
+import shutil
 
 import pytest
+import torch
 
 import _bundle_runs as br
 from scripts.checkpoints import safe_load
@@ -86,11 +88,46 @@ def test_two_process_model_evaluates_with_the_single_process_config(runs):
     assert len(rows) == 1 and all(0.0 <= float(rows[0][c]) <= 1.0 for c in names)
 
 
-def test_resume_under_torchrun(runs):
-    work, data, out, _ = runs
-    result = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu.yaml"), *data, *out, *br.TINY,
-                    "--max_epochs", "3", "--iterations_per_epoch", "2", "--batch_size", "4", "--resume", "True",
-                    torchrun=WORLD)
+KILL = """# test overlay: every rank SIGKILLs itself when fine-tuning iteration 5 (the first of epoch 3) starts
+at: "$ignite.engine.Events.ITERATION_STARTED(once=5)"
+kill_train:
+  - "$@train#trainer.add_event_handler(@at, lambda engine: os.kill(os.getpid(), 9))"
+  - "$@train#trainer.run()"
+"""
+
+
+def test_resume_under_torchrun_equals_an_uninterrupted_run(runs):
+    """A 3-epoch fine-tuning under torchrun killed when epoch 3 starts, then resumed with ``--resume True``, ends with
+    the weights and optimiser state, bit for bit, of the same run never interrupted (same pre-trained weights)."""
+    work, data, _, _ = runs
+    (work / "kill.yaml").write_text(KILL)
+    fine_tune = [*data, *br.TINY, "--max_epochs", "3", "--iterations_per_epoch", "2", "--batch_size", "4"]
+    states = {}
+    for name in ("killed", "whole"):
+        (work / name / "models").mkdir(parents=True)
+        shutil.copy(work / "ddp" / "models" / "pretrained_local.pt", work / name / "models")
+    br.run(work, "run", "kill_train", "--config_file", br.config("train.yaml", "multi_gpu.yaml", work / "kill.yaml"),
+           *fine_tune, *br.paths(work, "killed"), torchrun=WORLD, expect=None)
+    assert safe_load(work / "killed" / "models" / "state_train.pt")["trainer"]["iteration"] == 4  # epoch 2's state
+    result = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu.yaml"), *fine_tune,
+                    *br.paths(work, "killed"), "--resume", "True", torchrun=WORLD)
     log = result.stdout + result.stderr
     assert log.count("fine-tune: resumed from") == WORLD and "at epoch 2 (iteration 4) of 3" in log
-    assert safe_load(work / "ddp" / "models" / "state_train.pt")["trainer"]["iteration"] == 6
+    br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu.yaml"), *fine_tune,
+           *br.paths(work, "whole"), torchrun=WORLD)
+    for name in ("killed", "whole"):
+        states[name] = safe_load(work / name / "models" / "state_train.pt")
+        assert states[name]["trainer"]["iteration"] == 6
+    for name in ("model", "optimizer"):
+        assert same_values(states["killed"]["objects"][name], states["whole"]["objects"][name]), name
+
+
+def same_values(a, b) -> bool:
+    """Nested dicts / lists of tensors and numbers equal, tensors bit for bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_values, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b

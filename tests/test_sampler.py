@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from scripts.errors import BundleError
 from scripts.sampler import PartitionBatchSampler, partition_of
 
 SLICE_COUNTS = [10, 12, 8, 7, 9, 4, 15, 11]  # all >= 4
@@ -163,3 +164,27 @@ def test_sampler_validation():
         PartitionBatchSampler([], volumes_per_batch=1, num_partitions=4, num_batches=1)
     with pytest.raises(ValueError, match="seed"):
         PartitionBatchSampler([10] * 5, volumes_per_batch=1, num_partitions=4, num_batches=1, seed=-1)
+
+
+def test_sharded_random_sampler_is_a_function_of_seed_epoch_and_rank():
+    """Under torchrun the fine-tuning draws num_samples slices per epoch and rank from the rank's shard: shards are
+    disjoint within an epoch, every epoch is one whole pass of a fresh iterator (so a resume at an epoch boundary draws
+    what an uninterrupted run draws), and the epochs differ."""
+    from scripts.sampler import ShardedRandomSampler
+
+    data = list(range(23))
+
+    def epoch(rank, number, seed=3):
+        sampler = ShardedRandomSampler(data, num_samples=8, seed=seed, num_replicas=2, rank=rank)
+        sampler.set_epoch(number)
+        return list(sampler)
+
+    for number in range(3):
+        draws = [epoch(rank, number) for rank in (0, 1)]
+        assert [len(d) for d in draws] == [8, 8] and all(0 <= i < 23 for d in draws for i in d)
+        assert not set(draws[0]) & set(draws[1])
+        assert draws == [epoch(rank, number) for rank in (0, 1)]   # the same again: nothing carried over
+    assert epoch(0, 0) != epoch(0, 1) and epoch(0, 0) != epoch(0, 0, seed=4)
+    assert len(ShardedRandomSampler(data, num_samples=8, num_replicas=2, rank=1)) == 8
+    with pytest.raises(BundleError, match="1 training slices cannot be shared by 2 processes"):
+        ShardedRandomSampler([0], num_samples=4, num_replicas=2, rank=0)

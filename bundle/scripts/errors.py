@@ -6,6 +6,10 @@ parsed in its own ``RuntimeError("Failed to evaluate ...")``; the hook installed
 ``scripts`` package is imported) finds the ``BundleError`` in the exception chain and prints only its message as the
 last line of stderr. Set the environment variable ``BUNDLE_DEBUG=1`` to get the full traceback instead. Any other
 exception keeps Python's usual traceback.
+
+Served by MONAI Label (a FastAPI / Starlette web server), a ``BundleError`` raised while a request runs is also
+Starlette's ``HTTPException``: the server answers HTTP 422 with the one-line message as the JSON ``detail`` instead of
+a bare "Internal Server Error". Where Starlette is not installed, ``BundleError`` is a plain ``ValueError``.
 """
 
 from __future__ import annotations
@@ -14,13 +18,29 @@ import os
 import sys
 
 DEBUG_VARIABLE = "BUNDLE_DEBUG"
+HTTP_STATUS = 422  # "unprocessable content": the request was well formed, the data it names are not usable
+
+try:  # present where the bundle is served (MONAI Label), absent in the bundle's own environment
+    from starlette.exceptions import HTTPException as _HTTPError
+except ImportError:  # pragma: no cover - depends on the environment
+    _HTTPError = Exception
 
 
-class BundleError(ValueError):
-    """A bad input or configuration: the message is one line (file or key, the problem, the way out)."""
+class BundleError(ValueError, _HTTPError):
+    """A bad input or configuration: the message is one line (file or key, the problem, the way out).
+
+    Also an HTTP 422 error with ``detail`` = the message where Starlette is installed (module docstring)."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message).split())
+        ValueError.__init__(self, text)
+        self.status_code, self.detail, self.headers = HTTP_STATUS, text, None
+
+    def __str__(self) -> str:
+        return self.detail
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.detail!r})"
 
 
 class MissingFileError(BundleError, FileNotFoundError):

@@ -1,4 +1,5 @@
-"""Partitions along z and the partition-aware batch sampler of the global contrastive stage.
+"""Partitions along z and the partition-aware batch sampler of the global contrastive stage; the fine-tuning's
+slice sampler under torchrun (``ShardedRandomSampler``).
 
 Partition rule: a volume with Q slices is cut along z into S contiguous partitions, and slice k (0 <= k < Q)
 belongs to partition ``floor(k * S / Q)``. Partition p therefore holds slices ``ceil(p*Q/S) .. ceil((p+1)*Q/S) - 1``;
@@ -19,11 +20,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from scripts.errors import BundleError
 
-__all__ = ["partition_of", "PartitionBatchSampler"]
+__all__ = ["partition_of", "PartitionBatchSampler", "ShardedRandomSampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,3 +187,39 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int]]]):
                 stop = ((parts + 1) * q + self.num_partitions - 1) // self.num_partitions
                 batch.extend((volume, int(k)) for k in rng.integers(first, stop))
             yield batch
+
+
+class ShardedRandomSampler(DistributedSampler):
+    """Fine-tuning slices under torchrun: ``num_samples`` indices per epoch and rank, drawn with replacement from the
+    rank's shard of a permutation of the dataset; the shards of one epoch are disjoint across ranks.
+
+    The multi-process counterpart of ``RandomSampler(replacement=True, num_samples=batch_size * iterations)``: every
+    epoch is one whole pass of its own iterator, a function of (``seed``, epoch, rank) only, so a run resumed at an
+    epoch boundary draws the same slices as one never interrupted. (A ``DistributedSampler`` cycled by the trainer's
+    ``epoch_length`` carries its iterator across epochs, and a resumed run would start a fresh one.) MONAI's trainers
+    call ``set_epoch`` at every epoch start, as for any ``DistributedSampler``.
+
+    Args:
+        dataset: the slices (any sized dataset), at least as many as ranks.
+        num_samples: indices per epoch and rank (``batch_size * iterations_per_epoch``).
+        seed: the draw's seed, the same on every rank.
+        num_replicas, rank: default from the process group.
+    """
+
+    def __init__(self, dataset, num_samples: int, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        if len(dataset) < self.num_replicas:
+            raise BundleError(f"{len(dataset)} training slices cannot be shared by {self.num_replicas} processes: "
+                              "label more volumes or run fewer processes.")
+        self.num_samples = int(num_samples)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        shard = torch.randperm(len(self.dataset), generator=generator)[self.rank::self.num_replicas]
+        draws = torch.randint(len(shard), (self.num_samples,), generator=generator)
+        return iter(shard[draws].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -536,23 +536,41 @@ def _wait_for_training(server) -> dict:
     return status
 
 
-def test_a_nan_volume_sent_to_infer_is_refused_naming_the_problem(server, tmp_path):
-    """One NaN voxel used to give a 200 with an all-background map; the pre-processing's check now refuses it. MONAI
-    Label answers an exception with a bare HTTP 500: the one-line message is in the server's log."""
+def _post_volume(server, data, affine, name):
+    """POST a volume as an uploaded file to /infer (as a viewer does for a volume not in the datastore)."""
+    path = os.path.join(server.root, name)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    with open(path, "rb") as f:
+        return server.call("POST", f"/infer/{MODEL_NAME}?output=image",
+                           files={"file": (name, f, "application/octet-stream")})
+
+
+def _refusal(r) -> str:
+    """The message of a refused request: HTTP 422 with the bundle's one-line message as the JSON detail."""
+    assert r.status_code == 422, f"HTTP {r.status_code}: {r.text[:500]}"
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    return r.json()["detail"]
+
+
+def test_a_nan_volume_sent_to_infer_is_refused_naming_the_problem(server):
+    """One NaN voxel used to give a 200 with an all-background map, then a bare HTTP 500 ("Internal Server Error")
+    with the message only in the server's log; now the answer is a 422 whose detail is the check's one line."""
     source = nib.load(os.path.join(server.studies, server.unlabelled[0] + ".nii.gz"))
     data = np.asarray(source.dataobj, dtype=np.float32).copy()
     data[0, 0, 0] = np.nan
-    path = str(tmp_path / "nan_volume.nii.gz")
-    nib.save(nib.Nifti1Image(data, source.affine), path)
-    with open(path, "rb") as f:
-        r = server.call("POST", f"/infer/{MODEL_NAME}?output=image",
-                        files={"file": ("nan_volume.nii.gz", f, "application/octet-stream")})
-    assert r.status_code >= 400, "a NaN volume was segmented"
-    log(f"  the refusal's message is in the response: {'NaN/Inf intensities' in r.text}")
-    deadline = time.time() + 30  # the server's traceback reaches its log a moment after the response
-    while "1 NaN/Inf intensities" not in server.log_text() and time.time() < deadline:
-        time.sleep(1)
-    assert "1 NaN/Inf intensities" in server.log_text()
+    detail = _refusal(_post_volume(server, data, source.affine, "nan_volume.nii.gz"))
+    assert "1 NaN/Inf intensities" in detail and ".nii.gz" in detail, detail
+    assert server.call("GET", "/info/").status_code == 200
+
+
+def test_a_4d_volume_sent_to_infer_is_refused_naming_the_problem(server):
+    """The bundle's contract has no channel (3D inputs): a 4D upload (two channels) is refused by name, not
+    segmented channel by channel or answered with a bare 500."""
+    source = nib.load(os.path.join(server.studies, server.unlabelled[0] + ".nii.gz"))
+    data = np.asarray(source.dataobj, dtype=np.float32)
+    detail = _refusal(_post_volume(server, np.stack([data, data], axis=-1), source.affine, "two_channels.nii.gz"))
+    log(f"  4D upload refused: {detail}")
+    assert "spatial dimensions" in detail or "channel" in detail, detail
     assert server.call("GET", "/info/").status_code == 200
 
 
@@ -583,6 +601,8 @@ def test_a_label_beyond_the_classes_stops_train_with_the_file_named(server, tmp_
         status = _wait_for_training(server)
         log(f"GET /train/ -> status {status.get('status')}")
         assert status.get("status") == "ERROR", json.dumps(status, indent=1)[-3000:]
+        # the task's answer (GET /train/: its last output lines) names the file and the values, as the log does
+        assert "unexpected label values [7] (expected 0..3)" in json.dumps(status), json.dumps(status)[-3000:]
         assert "unexpected label values [7] (expected 0..3)" in server.log_text()
         assert "index out of bounds" not in server.log_text()
     finally:
