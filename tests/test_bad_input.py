@@ -290,3 +290,25 @@ def test_evaluation_labels_outside_the_classes_are_refused(tmp_path):
     path = _write(tmp_path / "gt.nii.gz", label)
     chain = Compose([LoadImaged("label", image_only=True), EnsureChannelFirstd("label"), CheckLabelsd("label", 3)])
     assert _refusal(chain, {"label": path}) == f"{path}: unexpected label values [5] (expected 0..2)."
+
+
+def test_a_bundle_error_from_a_reimported_scripts_package_is_still_one_line(capsys):
+    """MONAI Label unloads and re-imports ``scripts`` for each task: the hook installed by the first import must still
+    recognise a BundleError class of the second (it used to print the whole traceback through /train)."""
+    import importlib.util
+
+    import scripts.errors
+
+    spec = importlib.util.spec_from_file_location("scripts.errors", scripts.errors.__file__)
+    second = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(second)   # not registered in sys.modules: the installed module stays
+    assert second.BundleError is not BundleError
+    try:
+        try:
+            raise second.BundleError("label.nii.gz: unexpected   label values [7]")
+        except Exception as inner:
+            raise RuntimeError("Failed to instantiate component") from inner
+    except RuntimeError as error:
+        assert str(find_bundle_error(error)) == "label.nii.gz: unexpected label values [7]"
+        scripts.errors._excepthook(RuntimeError, error, error.__traceback__)
+    assert capsys.readouterr().err.splitlines()[-1] == "ERROR: label.nii.gz: unexpected label values [7]"

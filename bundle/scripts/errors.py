@@ -47,11 +47,17 @@ class MissingFileError(BundleError, FileNotFoundError):
     """A file the workflow needs does not exist (checkpoint, datalist, input image)."""
 
 
+def _is_bundle_error(error: BaseException) -> bool:
+    """``isinstance(error, BundleError)`` by name: MONAI Label unloads and re-imports ``scripts`` for each task, so a
+    ``BundleError`` may come from another import of this module than the one whose hook is installed."""
+    return any(c.__name__ == BundleError.__name__ and c.__module__ == __name__ for c in type(error).__mro__)
+
+
 def find_bundle_error(error: BaseException | None) -> BundleError | None:
     """The first ``BundleError`` in ``error``'s chain of causes and contexts (``raise ... from``), or None."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, BundleError):
+        if _is_bundle_error(error):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
