@@ -50,14 +50,9 @@ Examples::
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import platform
-import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -74,152 +69,23 @@ from scripts.losses import (
 )
 from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D
 from scripts.transforms import RandBrightnessContrast, RandCropResize
+from study.measure import MIB, OtherCpuLoad, environment, measure_peak_memory, measure_time, memory_note
 from study.progress import progress
 
 __all__ = [
-    "measure_time",
-    "measure_peak_memory",
     "partition_batch_metadata",
     "bench_global_loss",
     "bench_local_loss",
     "bench_step_share",
     "format_table",
-    "environment",
     "main",
 ]
 
 PARTS = ("global", "local", "step", "pipeline")
-MIB = 2.0**20
-MEMORY_NOTE = (
-    "peak MiB = peak tensor memory allocated during one call above what was allocated before it "
-    "({how}); inputs, parameters and optimizer state excluded."
-)
 
 # ----------------------------------------------------------------------------------------------------------------
-# measuring
+# measuring a loss
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_time(
-    fn: Callable[[], object],
-    device: torch.device | str = "cpu",
-    repeats: int = 10,
-    warmup: int = 2,
-    max_seconds: float | None = None,
-) -> tuple[float, int]:
-    """Median wall-clock time of ``fn()`` in milliseconds, and the number of timed calls.
-
-    ``warmup`` untimed calls first (fewer, but at least one, once they took ``max_seconds``); then up to
-    ``repeats`` timed calls, stopping early once ``max_seconds`` have passed and at least 3 calls (or ``repeats``
-    if fewer) were timed. On CUDA every call is bracketed by
-    ``torch.cuda.synchronize``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    device = torch.device(device)
-    warm_start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-        _sync(device)
-        if max_seconds is not None and time.perf_counter() - warm_start > max_seconds:
-            break  # a slow call: one warm-up is enough
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        enough = len(times) >= min(3, repeats)
-        if max_seconds is not None and enough and time.perf_counter() - start > max_seconds:
-            break
-    return statistics.median(times) * 1e3, len(times)
-
-
-def _cpu_allocation_events(prof) -> list[tuple[int, int]]:
-    """(time ns, bytes; negative for a free) of every CPU allocation event a memory-profiling run recorded."""
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        fields = node.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            events.append((node.start_time_ns, int(fields.alloc_size)))
-        stack.extend(node.children)
-    return sorted(events)
-
-
-# native log lines the CPU profiler writes on every start/stop (kineto), and the allocator's note that a block
-# allocated before the profiled call was freed in it (its free is then not counted: the peak can only err upwards)
-_PROFILER_NOISE = ("USDT:", "Memory block of unknown size was allocated before the profiling started")
-
-
-@contextlib.contextmanager
-def _filtered_native_stderr():
-    """Capture file descriptor 2 (native and Python stderr) and re-emit it without the profiler's log noise."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (e.g. an embedded interpreter): leave it alone
-        yield
-        return
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(marker in line for marker in _PROFILER_NOISE):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
-
-def measure_peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
-    """Peak bytes of tensor memory allocated during one call of ``fn()`` above what was allocated before it.
-
-    CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` (at the start). CPU: the maximum
-    of the running sum of the allocations and frees ``torch.profiler`` records (``profile_memory=True``); NaN if
-    this torch's profiler does not expose them.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return float(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _filtered_native_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    try:
-        events = _cpu_allocation_events(prof)
-    except (AttributeError, RuntimeError):  # a torch whose profiler lacks the event tree
-        return float("nan")
-    running = peak = 0
-    for _, size in events:
-        running += size
-        peak = max(peak, running)
-    return float(peak)
-
-
-def _memory_note(device: torch.device) -> str:
-    how = (
-        "torch.cuda.max_memory_allocated"
-        if device.type == "cuda"
-        else "CPU: running sum of torch.profiler allocation events, one profiled call"
-    )
-    return MEMORY_NOTE.format(how=how)
 
 
 def _loss_fn_and_grad(loss: nn.Module, inputs: Tensor, metadata: dict[str, Tensor]) -> Callable[[], None]:
@@ -446,64 +312,87 @@ def bench_step_share(
     ``local_variants`` are ``"strategy/mode/regions"`` strings. Returns one row per variant: stage, strategy,
     mode, regions, images, image_size, loss_input, step_ms, loss_ms, share_pct, step_peak_mib, loss_peak_mib.
     """
-    device = torch.device(device)
-    rows = []
+    settings = {"image_size": image_size, "num_partitions": num_partitions, "num_views": num_views,
+                "decoder_blocks": decoder_blocks, "region_size": region_size, "temperature": temperature,
+                "learning_rate": learning_rate, "device": torch.device(device), "seed": seed}
+    timing = {"repeats": repeats, "warmup": warmup, "loss_repeats": loss_repeats, "max_seconds": max_seconds}
     stages = [("global", s, None, None) for s in global_strategies]
     stages += [("local", *_parse_local_variant(v)) for v in local_variants]
+    rows = []
     for stage, strategy, mode, regions in stages:
-        torch.manual_seed(seed)
-        unet = UNet2D(1, 4).to(device)
         volumes = global_volumes if stage == "global" else local_volumes
-        num_slices = volumes * num_partitions
-        meta = partition_batch_metadata(num_slices, num_partitions, 1, device, seed)
-        batch = {"image": torch.rand(num_slices, 1, image_size, image_size, device=device), **meta}
-        if stage == "global":
-            net = GlobalContrastiveNet(unet, image_size).to(device)
-            augment = _Compose(RandCropResize(area=0.27), RandBrightnessContrast())
-            loss = GlobalContrastiveLoss(strategy, temperature=temperature, gather_distributed=False)
-        else:
-            net = LocalContrastiveNet(unet, decoder_blocks).to(device)
-            augment = RandBrightnessContrast()
-            loss = LocalContrastiveLoss(strategy, temperature, region_size, mode, regions, gather_distributed=False)
-        for i, t in enumerate(getattr(augment, "transforms", (augment,))):
-            t.set_random_state(seed + i)
-        net.train()
-        prepare = ContrastiveViews(augment, num_views=num_views)
-        criterion = MetadataLoss(loss)
-        optimizer = torch.optim.Adam(trainable_parameters(net), lr=learning_rate)
-
-        def step(net=net, prepare=prepare, criterion=criterion, optimizer=optimizer, batch=batch) -> None:
-            views, metadata = prepare(batch, device)
-            criterion(net(views), metadata).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        images = num_slices * num_views
-        progress(f"[step]   {stage:<6} {strategy:<12} {mode or '':<5} {regions or '':<3} {image_size}px x {images}: "
-                 f"timing the step ...", quiet)
-        step_ms, step_reps = measure_time(step, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
-        step_peak = measure_peak_memory(step, device)
-        with torch.no_grad():
-            views, metadata = prepare(batch, device)
-            output_shape = tuple(net(views).shape)
-        del views
-        g = torch.Generator().manual_seed(seed)
-        loss_input = torch.randn(output_shape, generator=g).to(device).requires_grad_(True)
-        loss_ms, loss_reps = measure_time(_loss_fn_and_grad(loss, loss_input, metadata), device,
-                                          repeats=loss_repeats, warmup=2, max_seconds=max_seconds)
-        loss_peak = measure_peak_memory(_loss_fn_and_grad(loss, loss_input, metadata), device)
-        row = {
-            "stage": stage, "strategy": strategy, "mode": mode, "regions": regions, "images": images,
-            "image_size": image_size, "loss_input": "x".join(map(str, output_shape)),
-            "step_ms": step_ms, "step_reps": step_reps, "loss_ms": loss_ms, "loss_reps": loss_reps,
-            "share_pct": 100.0 * loss_ms / step_ms,
-            "step_peak_mib": step_peak / MIB, "loss_peak_mib": loss_peak / MIB,
-        }
-        rows.append(row)
-        progress(f"[step]   {stage:<6} {strategy:<12} step {step_ms:9.1f} ms, loss {loss_ms:8.2f} ms "
-                 f"-> {row['share_pct']:.2f}%", quiet)
-        del net, optimizer, unet, loss_input
+        rows.append(_step_share_row((stage, strategy, mode, regions), volumes, settings, timing, quiet))
     return rows
+
+
+def _training_step(variant: tuple, volumes: int, image_size: int, num_partitions: int, num_views: int,
+                   decoder_blocks: int, region_size: int, temperature: float, learning_rate: float,
+                   device: torch.device, seed: int) -> tuple[Callable[[], None], dict]:
+    """One pre-training step of ``variant`` (stage, strategy, mode, regions) on a fixed batch of ``volumes`` x
+    ``num_partitions`` random slices (1 x ``image_size`` x ``image_size``), and what measuring the loss alone needs:
+    {"batch", "prepare" (the views and their metadata), "net", "loss"}. Seeded: the same network every call."""
+    stage, strategy, mode, regions = variant
+    torch.manual_seed(seed)
+    unet = UNet2D(1, 4).to(device)
+    num_slices = volumes * num_partitions
+    meta = partition_batch_metadata(num_slices, num_partitions, 1, device, seed)
+    batch = {"image": torch.rand(num_slices, 1, image_size, image_size, device=device), **meta}
+    if stage == "global":
+        net = GlobalContrastiveNet(unet, image_size).to(device)
+        augment = _Compose(RandCropResize(area=0.27), RandBrightnessContrast())
+        loss = GlobalContrastiveLoss(strategy, temperature=temperature, gather_distributed=False)
+    else:
+        net = LocalContrastiveNet(unet, decoder_blocks).to(device)
+        augment = RandBrightnessContrast()
+        loss = LocalContrastiveLoss(strategy, temperature, region_size, mode, regions, gather_distributed=False)
+    for i, t in enumerate(getattr(augment, "transforms", (augment,))):
+        t.set_random_state(seed + i)
+    net.train()
+    prepare = ContrastiveViews(augment, num_views=num_views)
+    criterion = MetadataLoss(loss)
+    optimizer = torch.optim.Adam(trainable_parameters(net), lr=learning_rate)
+
+    def step() -> None:
+        views, metadata = prepare(batch, device)
+        criterion(net(views), metadata).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, {"batch": batch, "prepare": prepare, "net": net, "loss": loss}
+
+
+def _step_share_row(variant: tuple, volumes: int, settings: dict, timing: dict, quiet: bool) -> dict:
+    """The row of ``bench_step_share`` for one ``variant`` (stage, strategy, mode, regions): the step timed, then the
+    loss alone on a random tensor of the network output's shape. ``settings`` are ``_training_step``'s keywords,
+    ``timing`` holds repeats, warmup, loss_repeats and max_seconds."""
+    stage, strategy, mode, regions = variant
+    device, seed, image_size = settings["device"], settings["seed"], settings["image_size"]
+    step, parts = _training_step(variant, volumes, **settings)
+    images = volumes * settings["num_partitions"] * settings["num_views"]
+    progress(f"[step]   {stage:<6} {strategy:<12} {mode or '':<5} {regions or '':<3} {image_size}px x {images}: "
+             f"timing the step ...", quiet)
+    step_ms, step_reps = measure_time(step, device, repeats=timing["repeats"], warmup=timing["warmup"],
+                                      max_seconds=timing["max_seconds"])
+    step_peak = measure_peak_memory(step, device)
+    with torch.no_grad():
+        views, metadata = parts["prepare"](parts["batch"], device)
+        output_shape = tuple(parts["net"](views).shape)
+    del views
+    g = torch.Generator().manual_seed(seed)
+    loss_input = torch.randn(output_shape, generator=g).to(device).requires_grad_(True)
+    loss_ms, loss_reps = measure_time(_loss_fn_and_grad(parts["loss"], loss_input, metadata), device,
+                                      repeats=timing["loss_repeats"], warmup=2, max_seconds=timing["max_seconds"])
+    loss_peak = measure_peak_memory(_loss_fn_and_grad(parts["loss"], loss_input, metadata), device)
+    row = {
+        "stage": stage, "strategy": strategy, "mode": mode, "regions": regions, "images": images,
+        "image_size": image_size, "loss_input": "x".join(map(str, output_shape)),
+        "step_ms": step_ms, "step_reps": step_reps, "loss_ms": loss_ms, "loss_reps": loss_reps,
+        "share_pct": 100.0 * loss_ms / step_ms,
+        "step_peak_mib": step_peak / MIB, "loss_peak_mib": loss_peak / MIB,
+    }
+    progress(f"[step]   {stage:<6} {strategy:<12} step {step_ms:9.1f} ms, loss {loss_ms:8.2f} ms "
+             f"-> {row['share_pct']:.2f}%", quiet)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,75 +431,6 @@ STEP_COLUMNS = [("stage", "stage", ""), ("strategy", "strategy", ""), ("mode", "
                 ("images", "images", "d"), ("loss_input", "loss input", ""), ("step_ms", "step ms", ".1f"),
                 ("loss_ms", "loss ms", ".2f"), ("share_pct", "loss share %", ".2f"),
                 ("step_peak_mib", "step peak MiB", ".1f"), ("loss_peak_mib", "loss peak MiB", ".1f")]
-
-
-class _OtherCpuLoad:
-    """Share of the machine's CPU time that *other* processes used between ``start()`` and ``stop()`` (Linux
-    ``/proc``; None elsewhere): timings are only trustworthy when it stays near 0. This process's own children (data
-    loader workers, the data preparation's subprocess) count as its own: ``own_cpu_ticks``."""
-
-    def _read(self) -> tuple[int, int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), sum(fields[:8]) - idle, own_cpu_ticks()  # total, busy, own
-
-    def start(self) -> None:
-        try:
-            self.begin = self._read()
-        except (OSError, ValueError, IndexError):
-            self.begin = None
-
-    def stop(self) -> float | None:
-        if self.begin is None:
-            return None
-        try:
-            end = self._read()
-        except (OSError, ValueError, IndexError):
-            return None
-        total, busy, own = (e - b for e, b in zip(end, self.begin))
-        return max(0.0, 100.0 * (busy - own) / total) if total > 0 else None
-
-
-def _stat_fields(pid: int | str) -> list[str]:
-    """The fields of ``/proc/<pid>/stat`` after the command name: [0] state, [1] ppid, ... [11] utime, [12] stime,
-    [13] cutime, [14] cstime (clock ticks)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def own_cpu_ticks() -> int:
-    """CPU clock ticks used so far by this process, its children that have exited (and were waited for), and its
-    live children (data loader workers) — Linux ``/proc``."""
-    me = os.getpid()
-    fields = _stat_fields(me)
-    ticks = sum(int(v) for v in fields[11:15])
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            try:
-                child = _stat_fields(entry)
-            except (OSError, IndexError):  # gone meanwhile
-                continue
-            if child[1] == str(me):
-                ticks += int(child[11]) + int(child[12])
-    return ticks
-
-
-def environment(device: torch.device) -> dict:
-    """Device name, torch and monai versions and thread count of this run."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    import monai
-
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "monai": monai.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
 def _write_output(path: str, env: dict, results: dict[str, list[dict]]) -> None:
@@ -716,66 +536,93 @@ def main(
     common = {"device": device, "seed": seed, "quiet": quiet}
     print(f"Benchmark ({', '.join(parts)}): device {env['device']} ({env['device_name']}), torch {env['torch']}, "
           f"monai {env['monai']}, {env['threads']} threads")
-    print(_memory_note(device))
+    print(memory_note(device))
     results: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    other_load = _OtherCpuLoad()
+    other_load = OtherCpuLoad()
     other_load.start()
-
     if "global" in parts:
-        rows = bench_global_loss(_as_tuple(global_batch_sizes), _as_tuple(global_strategies, str), repeats=2 * repeats,
-                                 max_seconds=max_seconds, **common)
-        results["global_loss"] = rows
-        print("\nGlobalContrastiveLoss, forward + backward: embeddings N x 128, N = M volumes x 4 partitions x 2 views,"
-              " tau = 0.1")
-        print(format_table(rows, GLOBAL_COLUMNS))
-
+        results["global_loss"] = _global_part(global_batch_sizes, global_strategies, 2 * repeats, max_seconds, common)
     if "local" in parts:
-        rows = bench_local_loss(_as_tuple(local_batch_sizes), _as_tuple(local_strategies, str),
-                                _as_tuple(grid_regions), _as_tuple(dense_regions), channels=channels,
-                                feature_size=feature_size, repeats=repeats, max_seconds=max_seconds, **common)
-        results["local_loss"] = rows
-        print(f"\nLocalContrastiveLoss, forward + backward: feature maps N x {channels} x {feature_size} x "
-              f"{feature_size}, 3x3 regions, K anchor regions per image (dense: every other window a negative)")
-        print(format_table(rows, LOCAL_COLUMNS))
-
+        results["local_loss"] = _local_part(local_batch_sizes, local_strategies, grid_regions, dense_regions,
+                                            channels, feature_size, repeats, max_seconds, common)
     if "step" in parts:
-        rows = bench_step_share(image_size, _as_tuple(global_strategies, str), _as_tuple(local_variants, str),
-                                repeats=step_repeats, max_seconds=10 * max_seconds, **common)
-        results["step_share"] = rows
-        label = "the paper's size" if image_size == 192 else "reduced size; --paper for 192 x 192"
-        print(f"\nLoss share of a pre-training step at {image_size} x {image_size} ({label}): global = encoder + g1,"
-              f" 4 volumes x 4 partitions x 2 views; local = frozen encoder + decoder blocks 1-3 + g2, 12 slices x 2"
-              f" views; step = augment + forward + loss + backward + Adam")
-        print(format_table(rows, STEP_COLUMNS))
-        worst = max(rows, key=lambda r: r["share_pct"])
-        verdict = "under" if worst["share_pct"] < 10.0 else "NOT under"
-        which = " ".join(str(worst[k]) for k in ("stage", "strategy", "mode", "regions") if worst[k] is not None)
-        print(f"Largest loss share: {worst['share_pct']:.2f}% ({which}) -> {verdict} the 10% target.")
-
+        results["step_share"] = _step_part(image_size, global_strategies, local_variants, step_repeats,
+                                           10 * max_seconds, common)
     if "pipeline" in parts:
-        from study.pipeline_bench import bench_pipeline, format_line
+        results["pipeline"] = _pipeline_part(pipeline_stages, pipeline_iterations, pipeline_warmup,
+                                             pipeline_overrides, quiet)
+    _finish(env, other_load.stop(), time.perf_counter() - started, output, results)
+    return {"environment": env, **results}
 
-        rows = bench_pipeline(_as_tuple(pipeline_stages, str), int(pipeline_iterations), int(pipeline_warmup),
-                              pipeline_overrides, quiet=quiet)
-        results["pipeline"] = rows
-        print(f"\nData pipeline: each stage's workflow (bundle configs: loader, augmentation, step) against its model "
-              f"step alone on a ready batch, images/s, {pipeline_iterations} iterations each after "
-              f"{pipeline_warmup}; ratio = pipeline / model (goal >= 0.9)")
-        print(format_table(rows, PIPELINE_COLUMNS))
-        for row in rows:
-            print(format_line(row))
 
-    others = other_load.stop()
+def _global_part(batch_sizes, strategies, repeats: int, max_seconds: float, common: dict) -> list[dict]:
+    """``bench_global_loss`` run (``common``: device, seed, quiet) and its table printed; returns its rows."""
+    rows = bench_global_loss(_as_tuple(batch_sizes), _as_tuple(strategies, str), repeats=repeats,
+                             max_seconds=max_seconds, **common)
+    print("\nGlobalContrastiveLoss, forward + backward: embeddings N x 128, N = M volumes x 4 partitions x 2 views,"
+          " tau = 0.1")
+    print(format_table(rows, GLOBAL_COLUMNS))
+    return rows
+
+
+def _local_part(batch_sizes, strategies, grid_regions, dense_regions, channels: int, feature_size: int,
+                repeats: int, max_seconds: float, common: dict) -> list[dict]:
+    """``bench_local_loss`` run (``common``: device, seed, quiet) and its table printed; returns its rows."""
+    rows = bench_local_loss(_as_tuple(batch_sizes), _as_tuple(strategies, str), _as_tuple(grid_regions),
+                            _as_tuple(dense_regions), channels=channels, feature_size=feature_size, repeats=repeats,
+                            max_seconds=max_seconds, **common)
+    print(f"\nLocalContrastiveLoss, forward + backward: feature maps N x {channels} x {feature_size} x "
+          f"{feature_size}, 3x3 regions, K anchor regions per image (dense: every other window a negative)")
+    print(format_table(rows, LOCAL_COLUMNS))
+    return rows
+
+
+def _step_part(image_size: int, global_strategies, local_variants, repeats: int, max_seconds: float,
+               common: dict) -> list[dict]:
+    """``bench_step_share`` run (``common``: device, seed, quiet), its table and the verdict on the largest loss
+    share (the 10% target) printed; returns its rows."""
+    rows = bench_step_share(image_size, _as_tuple(global_strategies, str), _as_tuple(local_variants, str),
+                            repeats=repeats, max_seconds=max_seconds, **common)
+    label = "the paper's size" if image_size == 192 else "reduced size; --paper for 192 x 192"
+    print(f"\nLoss share of a pre-training step at {image_size} x {image_size} ({label}): global = encoder + g1,"
+          f" 4 volumes x 4 partitions x 2 views; local = frozen encoder + decoder blocks 1-3 + g2, 12 slices x 2"
+          f" views; step = augment + forward + loss + backward + Adam")
+    print(format_table(rows, STEP_COLUMNS))
+    worst = max(rows, key=lambda r: r["share_pct"])
+    verdict = "under" if worst["share_pct"] < 10.0 else "NOT under"
+    which = " ".join(str(worst[k]) for k in ("stage", "strategy", "mode", "regions") if worst[k] is not None)
+    print(f"Largest loss share: {worst['share_pct']:.2f}% ({which}) -> {verdict} the 10% target.")
+    return rows
+
+
+def _pipeline_part(stages, iterations: int, warmup: int, overrides: dict | None, quiet: bool) -> list[dict]:
+    """``study.pipeline_bench.bench_pipeline`` run, its table and one ``format_line`` per stage printed; returns its
+    rows."""
+    from study.pipeline_bench import bench_pipeline, format_line
+
+    rows = bench_pipeline(_as_tuple(stages, str), int(iterations), int(warmup), overrides, quiet=quiet)
+    print(f"\nData pipeline: each stage's workflow (bundle configs: loader, augmentation, step) against its model "
+          f"step alone on a ready batch, images/s, {iterations} iterations each after "
+          f"{warmup}; ratio = pipeline / model (goal >= 0.9)")
+    print(format_table(rows, PIPELINE_COLUMNS))
+    for row in rows:
+        print(format_line(row))
+    return rows
+
+
+def _finish(env: dict, others: float | None, seconds: float, output: str | None,
+            results: dict[str, list[dict]]) -> None:
+    """Record the other processes' CPU share (``others``, %) in ``env``, print the total time and a warning above 5%,
+    and write ``output`` when given."""
     env["other_processes_cpu_pct"] = others
     busy = "" if others is None else (
         f"; other processes used {others:.1f}% of the machine's CPU time meanwhile"
         + (" -- the timings are disturbed, rerun on an idle machine" if others > 5.0 else ""))
-    print(f"\n(total {time.perf_counter() - started:.0f} s{busy})")
+    print(f"\n(total {seconds:.0f} s{busy})")
     if output:
         _write_output(output, env, results)
         print(f"results written to {output}")
-    return {"environment": env, **results}
 
 
 def _cli() -> None:

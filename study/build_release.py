@@ -5,7 +5,7 @@ Repository tooling, not shipped in the bundle. From the repository root::
     PYTHONPATH=bundle python -m study.build_release --data <ACDC folder>           # the release (hours on a CPU)
     PYTHONPATH=bundle python -m study.build_release --data <ACDC folder> --quick   # the same chain on tiny budgets
 
-The chain is the study plan ``docs/experiments/release.yaml`` run by the study runner (``study/experiments.py``: its
+The chain is the study plan ``docs/experiments/release.yaml`` run by the study runner (``study.experiments``: its
 ledger makes every finished step skip on a rerun, and it prints each step's time and the time left):
 
 1. prepare the data (``PREPARE``, default ``prepare_acdc``): a patient-level split; the images of the training pool
@@ -36,8 +36,11 @@ import sys
 import yaml
 
 from scripts.checkpoints import atomic_copy, atomic_write_text
-from study import experiments
+from study.jobs import Job, build_jobs
+from study.ledger import done_records
+from study.plan import normalise_plan
 from study.release import ROOT, ReleaseError, pack
+from study.scheduler import run as run_study
 
 PLAN = os.path.join(ROOT, "docs", "experiments", "release.yaml")
 NOT_FOR_USE = "_NOT_FOR_USE"
@@ -61,7 +64,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def release_plan(data: str, prepare: str = "prepare_acdc", quick: bool = False, finetune_epochs: int | None = None,
                  release_dir: str | None = None, prepare_options: dict | None = None, plan_file: str = PLAN) -> dict:
-    """The study plan of this release (checked by ``experiments.normalise_plan``): ``plan_file`` with its ``quick``
+    """The study plan of this release (checked by ``study.plan.normalise_plan``): ``plan_file`` with its ``quick``
     section merged in when ``quick``, the raw data folder, the prepare run id and its extra options, the fine-tuning
     budget in epochs and the experiment folder filled in."""
     with open(plan_file) as f:
@@ -76,12 +79,12 @@ def release_plan(data: str, prepare: str = "prepare_acdc", quick: bool = False, 
     if finetune_epochs is not None:
         plan["protocol"]["finetune"]["max_epochs"] = int(finetune_epochs)
     plan["experiment_dir"] = os.path.abspath(release_dir or os.path.join(ROOT, plan["experiment_dir"]))
-    return experiments.normalise_plan(plan, source=plan_file)
+    return normalise_plan(plan, source=plan_file)
 
 
-def stage_jobs(plan: dict) -> dict[str, experiments.Job]:
+def stage_jobs(plan: dict) -> dict[str, Job]:
     """The plan's jobs by kind: "prepare", "global", "local", "finetune" (one each)."""
-    return {job.kind: job for job in experiments.build_jobs(plan)}
+    return {job.kind: job for job in build_jobs(plan)}
 
 
 def stop_reports(plan: dict) -> dict[str, dict]:
@@ -138,7 +141,7 @@ def check_converged(reports: dict[str, dict], finetuning: dict | None, allow: bo
 def command_lines(plan: dict) -> str:
     """The commands of the release's jobs, as the runner ran them, with ``python`` and repository-relative paths."""
     lines = []
-    for job in experiments.build_jobs(plan):
+    for job in build_jobs(plan):
         for _, command in job.steps:
             text = shlex.join(["python", *command[1:]])
             lines.append(text.replace(ROOT + os.sep, ""))
@@ -192,14 +195,14 @@ def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_u
     os.makedirs(exp, exist_ok=True)
     plan_file = os.path.join(exp, "release_plan.yaml")
     atomic_write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), plan_file)
-    if experiments.run(plan_file, echo=echo, kinds=("prepare", "global", "local")):
+    if run_study(plan_file, echo=echo, kinds=("prepare", "global", "local")):
         raise ReleaseError(f"pre-training did not finish: see the logs under {exp} and run the same command again.")
     reports = stop_reports(plan)
     check_converged(reports, None, allow_unconverged)   # before hours of fine-tuning on weights that would be refused
-    if experiments.run(plan_file, echo=echo, kinds=("finetune",)):
+    if run_study(plan_file, echo=echo, kinds=("finetune",)):
         raise ReleaseError(f"fine-tuning or evaluation did not finish: see the logs under {exp} and run again.")
     jobs = stage_jobs(plan)
-    record = experiments.done_records(exp)[jobs["finetune"].id]
+    record = done_records(exp)[jobs["finetune"].id]
     if record["mean_dice"] is None:
         raise ReleaseError(f"the evaluation of {record['model_dir']} gave no Dice: see {record['output_dir']}/test.")
     finetuning = finetune_report(plan, record)

@@ -1,4 +1,5 @@
-"""The loss benchmark (study.benchmark): tiny runs of every part, the measuring helpers and the CLI output."""
+"""The loss benchmark (study.benchmark): tiny runs of every part, the measuring helpers (study.measure) and the CLI
+output."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from scripts.losses import GLOBAL_STRATEGIES, LOCAL_STRATEGIES
-from study import benchmark
+from study import benchmark, measure
 
 
 def _assert_measured(rows, time_keys=("time_ms",), memory_keys=("peak_mib",)):
@@ -23,10 +24,10 @@ def _assert_measured(rows, time_keys=("time_ms",), memory_keys=("peak_mib",)):
 
 def test_measure_time_is_a_median_of_positive_times_and_respects_the_budget():
     calls = []
-    ms, reps = benchmark.measure_time(lambda: calls.append(torch.randn(64, 64) @ torch.randn(64, 64)), repeats=5,
-                                      warmup=2)
+    ms, reps = measure.measure_time(lambda: calls.append(torch.randn(64, 64) @ torch.randn(64, 64)), repeats=5,
+                                    warmup=2)
     assert ms > 0 and reps == 5 and len(calls) == 7
-    _, reps = benchmark.measure_time(lambda: torch.randn(8), repeats=1000, warmup=0, max_seconds=0.0)
+    _, reps = measure.measure_time(lambda: torch.randn(8), repeats=1000, warmup=0, max_seconds=0.0)
     assert reps == 3  # the budget cuts the repeats, but never below 3
 
 
@@ -38,7 +39,7 @@ def test_cpu_peak_memory_sees_a_temporary_and_excludes_what_existed_before():
         del tmp
         return existing.sum()
 
-    peak = benchmark.measure_peak_memory(fn, "cpu")
+    peak = measure.measure_peak_memory(fn, "cpu")
     assert 4 * 2**20 <= peak < 8 * 2**20
 
 
@@ -115,7 +116,7 @@ def test_main_prints_tables_and_writes_json_and_csv(tmp_path, capsys):
 
 
 def test_other_process_cpu_load_is_a_percentage():
-    monitor = benchmark._OtherCpuLoad()
+    monitor = measure.OtherCpuLoad()
     monitor.start()
     sum(i * i for i in range(200_000))
     share = monitor.stop()
@@ -126,7 +127,7 @@ def test_other_process_cpu_load_is_a_percentage():
 def test_own_cpu_time_includes_the_children():
     """Data loader workers and subprocesses are ours, not 'other processes': a child's CPU time adds to ours."""
     burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
-    before = benchmark.own_cpu_ticks()
+    before = measure.own_cpu_ticks()
     subprocess.run([sys.executable, "-c", burn], check=True)
     ticks_per_s = os.sysconf("SC_CLK_TCK")
-    assert benchmark.own_cpu_ticks() - before >= 0.4 * ticks_per_s
+    assert measure.own_cpu_ticks() - before >= 0.4 * ticks_per_s

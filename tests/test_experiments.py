@@ -1,4 +1,5 @@
-"""The study runner (study.experiments) and its report (study.report).
+"""The study runner (study.experiments: study.plan, study.jobs, study.ledger, study.scheduler) and its report
+(study.report, study.folder_report).
 
 Fast checks expand the shipped plans into jobs and commands without running them. The end-to-end checks run the
 smoke plan (docs/experiments/smoke.yaml: synthetic data, a tiny U-Net, two initialisations, one subset) once through
@@ -16,8 +17,11 @@ import fire.parser
 import pytest
 import yaml
 
-from study import experiments as ex
 from study import report
+from study.jobs import build_jobs, format_value
+from study.ledger import append_ledger, check_unchanged, jsonable, read_ledger
+from study.plan import CONFIGS, load_plan, normalise_plan
+from study.results import check_datalist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = os.path.join(ROOT, "docs", "experiments")
@@ -25,8 +29,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "bundle")
 
 
 def plan_jobs(name, tmp_path):
-    plan = ex.load_plan(os.path.join(PLANS, name), experiment_dir=str(tmp_path / "exp"))
-    return plan, {j.id: j for j in ex.build_jobs(plan)}
+    plan = load_plan(os.path.join(PLANS, name), experiment_dir=str(tmp_path / "exp"))
+    return plan, {j.id: j for j in build_jobs(plan)}
 
 
 def option(command, key):
@@ -71,7 +75,7 @@ def test_shipped_plans_expand_into_the_study(tmp_path, name, inits, stages, subs
     bench = jobs["random-xlall-seed1"]
     assert option(bench.steps[0][1], "train_key") == "labelled_all" and option(bench.steps[0][1], "seed") == "1"
     evaluation = bench.steps[1][1]
-    files = [os.path.join(ex.CONFIGS, n) for n in ("train.yaml", "evaluate.yaml")]
+    files = [os.path.join(CONFIGS, n) for n in ("train.yaml", "evaluate.yaml")]
     assert fire.parser.DefaultParseValue(option(evaluation, "config_file")) == files
     assert option(bench.steps[0][1], "config_file") == files[0]
     models = os.path.join(bench.folder, "models")
@@ -83,7 +87,7 @@ def test_shipped_plans_expand_into_the_study(tmp_path, name, inits, stages, subs
 def test_values_survive_the_command_line():
     """What format_value writes, python-fire (monai.bundle run's parser) reads back as the same value."""
     for value in (64, 1.36719, True, False, None, [4, 8, 8], [0.0, 5.0], "domain_minus", {"a": [1, 2]}, ["x", None]):
-        assert fire.parser.DefaultParseValue(ex.format_value(value)) == value
+        assert fire.parser.DefaultParseValue(format_value(value)) == value
 
 
 @pytest.mark.parametrize("change, message", [
@@ -99,24 +103,24 @@ def test_bad_plans_are_refused(tmp_path, change, message):
     with open(os.path.join(PLANS, "smoke.yaml")) as f:
         plan = {**yaml.safe_load(f), **change}
     with pytest.raises(ValueError, match=message):
-        ex.normalise_plan(plan, experiment_dir=str(tmp_path))
+        normalise_plan(plan, experiment_dir=str(tmp_path))
 
 
 def test_a_changed_protocol_is_not_resumed(tmp_path):
     plan, jobs = plan_jobs("smoke.yaml", tmp_path)
     job = jobs["random-xl1-subset0-seed0"]
-    done = {job.id: {"id": job.id, "config": ex._jsonable(job.config)}}
-    ex.check_unchanged(list(jobs.values()), done)   # same configuration: fine
+    done = {job.id: {"id": job.id, "config": jsonable(job.config)}}
+    check_unchanged(list(jobs.values()), done)   # same configuration: fine
     plan["protocol"]["finetune"]["max_epochs"] = 3
     with pytest.raises(ValueError, match="another configuration"):
-        ex.check_unchanged(ex.build_jobs(plan), done)
+        check_unchanged(build_jobs(plan), done)
 
 
 def test_ledger_lines_are_appended_whole(tmp_path):
     path = str(tmp_path / "results.jsonl")
-    ex.append_ledger(path, {"id": "a"})
-    ex.append_ledger(path, {"id": "b", "dice": [0.5, None]})
-    assert [r["id"] for r in ex.read_ledger(path)] == ["a", "b"]
+    append_ledger(path, {"id": "a"})
+    append_ledger(path, {"id": "b", "dice": [0.5, None]})
+    assert [r["id"] for r in read_ledger(path)] == ["a", "b"]
     assert os.listdir(tmp_path) == ["results.jsonl"]   # no temporary file left behind
 
 
@@ -256,7 +260,7 @@ def test_killing_the_runner_stops_its_stage_and_a_restart_finishes_the_plan(smok
         assert started(commands, job) == (2 if job == "random-xl1-subset0-seed0" else 1), job  # fine-tune + evaluate
     # killed during its fine-tuning (1 command) or evaluation (2), then both again; 2 if it had not started yet
     assert started(commands, "GD_LR-xl1-subset0-seed0") in (2, 3, 4)
-    stages = ex.read_ledger(str(smoke["exp"] / "stages.jsonl"))
+    stages = read_ledger(str(smoke["exp"] / "stages.jsonl"))
     assert [s["id"] for s in stages] == ["prepare", "global-domain-seed0", "global-domain-local-random-seed0"]
 
 
@@ -287,7 +291,7 @@ def test_two_workers_run_independent_jobs_side_by_side(tmp_path):
     started_ids = [line.split()[-1] for line in lines(exp / "commands.log") if line.startswith("# ")]
     assert started_ids.index("random-xl1-subset0-seed0") < started_ids.index("global-domain-local-random-seed0")
     assert started_ids.index("global-domain-seed0") < started_ids.index("global-domain-local-random-seed0")
-    results = ex.read_ledger(str(exp / "results.jsonl"))
+    results = read_ledger(str(exp / "results.jsonl"))
     assert sorted(r["id"] for r in results) == ["GD_LR-xl1-subset0-seed0", "random-xl1-subset0-seed0"]
     assert all(len(r["volumes"][0]["dice"]) == 3 for r in results)
 
@@ -320,7 +324,7 @@ def test_selection_plans_expand_into_selections_and_their_fine_tunings(tmp_path,
     keys += [f"labelled_{n}_{i}" for n in (1, 2, 8) for i in range(5)]
     with open(os.path.join(data, "datalist.json"), "w") as f:
         json.dump({k: [{"image": "x.nii.gz"}] for k in keys}, f)
-    ex._check_datalist(plan, list(jobs.values()))
+    check_datalist(plan, list(jobs.values()))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -332,7 +336,7 @@ def test_bad_selection_sections_are_refused(tmp_path, change, message):
     with open(os.path.join(PLANS, "smoke.yaml")) as f:
         plan = {**yaml.safe_load(f), **change}
     with pytest.raises(ValueError, match=message):
-        ex.normalise_plan(plan, experiment_dir=str(tmp_path))
+        normalise_plan(plan, experiment_dir=str(tmp_path))
 
 
 def test_selection_table_ranks_each_selection_among_the_random_subsets():

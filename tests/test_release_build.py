@@ -12,7 +12,9 @@ import zipfile
 import pytest
 import yaml
 
-from study import build_release, experiments, release
+from study import build_release, release
+from study.jobs import build_jobs
+from study.plan import load_plan, normalise_plan
 from study.report import read_dice_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +57,7 @@ def test_release_plan_quick_budgets_and_its_commands(tmp_path):
     assert quick["protocol"]["finetune"]["max_epochs"] == 3 and quick["dataset"]["overrides"]["image_size"] == 32
     assert quick["dataset"]["overrides"]["decathlon#task"] == "Task04"
     assert quick["dataset"]["prepare"] == "prepare_decathlon"
-    assert [j.kind for j in experiments.build_jobs(full)] == ["prepare", "global", "local", "finetune"]
+    assert [j.kind for j in build_jobs(full)] == ["prepare", "global", "local", "finetune"]
     commands = build_release.command_lines(full).splitlines()
     assert commands[0].startswith("python -m monai.bundle run prepare_acdc")
     assert "--train_key labelled_all" in commands[3]
@@ -73,14 +75,14 @@ def test_make_release_without_data_says_what_to_give():
 @pytest.mark.parametrize("plan", ["release_in_domain.yaml", "release_transfer.yaml"])
 def test_the_planned_tables_are_valid_study_plans(plan, tmp_path):
     """docs/release.md's tables 3(a) and 3(b): plans the runner accepts, with at least 3 subsets per |XL|."""
-    config = experiments.load_plan(os.path.join(ROOT, "docs", "experiments", plan), str(tmp_path))
+    config = load_plan(os.path.join(ROOT, "docs", "experiments", plan), str(tmp_path))
     assert all(len(subsets) >= 3 for subsets in config["labelled"].values()) and set(config["labelled"]) == {1, 2, 8}
     names = {i["name"] for i in config["initialisations"]}
     both = {**config, "initialisations": [{"name": "x", "global": "domain", "checkpoint": "a.pt"}]}
     with pytest.raises(ValueError, match="a checkpoint or a global strategy, not both"):
-        experiments.normalise_plan(both)
+        normalise_plan(both)
     assert {"random", "release"} <= names
-    jobs = experiments.build_jobs(config)
+    jobs = build_jobs(config)
     from_release = [j for j in jobs if j.kind == "finetune" and j.info["init"] == "release"]
     assert from_release and all("pretrained_local.pt" in " ".join(j.steps[0][1]) for j in from_release)
 
