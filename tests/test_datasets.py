@@ -1,5 +1,6 @@
-"""Dataset adapters (ACDC, Decathlon, MM-WHS, any folder), bad-input checks, the prepare step (split, datalist,
-disk cache) and the shared ACDC data (marked `realdata`, skipped when ../shared/data/acdc is absent)."""
+"""Dataset adapters (ACDC, Decathlon, MM-WHS, any folder, the synthetic data), bad-input checks, the prepare step
+(split, datalist, disk cache) and the shared ACDC data (marked `realdata`, skipped when ../shared/data/acdc is
+absent)."""
 
 import json
 import logging
@@ -14,8 +15,20 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.contract import make_contract
-from scripts.data import CachedVolumes, datalist_info, label_names, load_datalist
-from scripts.datasets import ACDC_LABELS, acdc, check_case, decathlon, fill_cache, folder, mmwhs, prepare, validate
+from scripts.data import CachedVolumes, datalist_info, label_names, load_datalist, split_patients
+from scripts.datasets import (
+    ACDC_LABELS,
+    acdc,
+    check_case,
+    decathlon,
+    fill_cache,
+    folder,
+    mmwhs,
+    prepare,
+    synthetic,
+    validate,
+)
+from scripts.synthetic import write_dataset
 from scripts.transforms import preprocessing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,6 +193,28 @@ def _write_case(tmp_path, image, label=None, image_affine=None, label_affine=Non
     if label is not None:
         case["label"] = _nii(tmp_path / "lab.nii.gz", label, label_affine)
     return case
+
+
+def test_synthetic_adapter_writes_the_volumes_and_prepares_them_like_any_dataset(tmp_path):
+    """The synthetic data take the real datasets' path (validate, split, cache, datalist), and their split is the one
+    split_patients gives write_dataset's cases (patient order) with the same seed: the datalists of earlier
+    versions, which split without validating, are unchanged."""
+    raw = synthetic(str(tmp_path / "data"), num_patients=4, seed=3)
+    assert raw.kind == "synthetic" and raw.labels == ACDC_LABELS and raw.details == {"num_patients": 4}
+    assert [c["patient"] for c in raw.cases] == ["patient001", "patient002", "patient003", "patient004"]
+    assert all(os.path.isfile(c["image"]) and os.path.isfile(c["label"]) for c in raw.cases)
+    split = {"num_validation": 1, "num_test": 1, "subset_sizes": [1, 2], "num_subsets": [2, 1]}
+    path = prepare(raw, str(tmp_path / "data"), seed=3, preprocessing=SETTINGS, cache_dir=str(tmp_path / "cache"),
+                   **split)
+    content = json.loads(open(path).read())
+    expected = split_patients(write_dataset(str(tmp_path / "data"), num_patients=4, seed=3), seed=3, **split)
+    for key, cases in expected.items():
+        assert [c["patient"] for c in content[key]] == [c["patient"] for c in cases], key
+    assert set(content) == set(expected) | {"contract", "source"}
+    assert content["contract"]["class_names"] == list(ACDC_LABELS.values())
+    assert content["source"]["kind"] == "synthetic" and content["source"]["seed"] == 3
+    cached = sum(len(content[k]) for k in ("pretrain", "labelled_all", "validation"))   # what fill_cache fills
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == cached
 
 
 def test_bad_input_truncated_file(tmp_path):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D, load_pretrained
+from scripts.errors import BundleError
+from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D, load_pretrained, unet_shape
 
 TINY = {"encoder_channels": (4, 8, 8, 8, 8, 8), "decoder_channels": (8, 8, 8, 8, 4)}
 
@@ -104,3 +105,17 @@ def test_global_head_batch_norm_option():
         GlobalContrastiveNet(unet, image_size=64, head_init="xavier")
     torch_init = GlobalContrastiveNet(unet, image_size=64, hidden_features=32, out_features=16, head_init="torch")
     assert torch_init.head.mlp[1].weight.std() < paper.head.mlp[1].weight.std()  # a third of the He variance
+
+
+def test_unet_shape_reads_the_channels_of_a_checkpoint(tmp_path):
+    """inference.yaml builds its network from unet_shape: the checkpoint's channel lists, else the reference ones."""
+    reference = {"encoder_channels": [16, 32, 64, 128, 128, 128], "decoder_channels": [128, 128, 64, 32, 16]}
+    assert unet_shape(None) == unet_shape(str(tmp_path / "missing.pt")) == reference
+    tiny = {"encoder_channels": [4, 8, 8, 16], "decoder_channels": [8, 8, 4]}
+    torch.save({"model": UNet2D(1, 3, **tiny).state_dict(), "contract": {}}, tmp_path / "tiny.pt")
+    assert unet_shape(str(tmp_path / "tiny.pt")) == tiny
+    torch.save(UNet2D(1, 4).state_dict(), tmp_path / "plain.pt")   # a bare state_dict
+    assert unet_shape(str(tmp_path / "plain.pt")) == reference
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")
+    with pytest.raises(BundleError, match="not a UNet2D"):
+        unet_shape(str(tmp_path / "other.pt"))

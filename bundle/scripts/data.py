@@ -37,14 +37,12 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from scripts.checkpoints import atomic_save, atomic_write_json
-from scripts.contract import make_contract
 from scripts.errors import BundleError, MissingFileError
 from scripts.sampler import partition_of
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("pretrain", "validation", "test")
-SYNTHETIC_LABELS = {"0": "background", "1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
 
 
 def split_patients(
@@ -273,29 +271,6 @@ class CachedVolumes(PersistentDataset):
     def _transform(self, index: int):
         item = super()._transform(index)
         return {k: v.as_tensor() if hasattr(v, "as_tensor") else v for k, v in item.items()}
-
-
-def prepare_synthetic(
-    dataset_dir: str,
-    num_patients: int = 30,
-    num_validation: int = 2,
-    num_test: int = 8,
-    subset_sizes: Sequence[int] = (1, 2, 8),
-    num_subsets: Sequence[int] = (3, 3, 1),
-    seed: int = 0,
-    preprocessing: dict | None = None,
-) -> str:
-    """Generate the embedded synthetic dataset in ``dataset_dir`` and its datalist, whose data contract records
-    the ``preprocessing`` settings (image_size, spacing, slice_axis, placeholder_spacing); returns the datalist path."""
-    from scripts.synthetic import write_dataset
-
-    cases = write_dataset(dataset_dir, num_patients=num_patients, seed=seed)
-    datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed)
-    datalist["contract"] = make_contract(class_names=SYNTHETIC_LABELS, **dict(preprocessing or {}))
-    datalist["source"] = {"kind": "synthetic", "num_patients": num_patients, "seed": seed}
-    path = write_datalist(os.path.join(dataset_dir, "datalist.json"), datalist)
-    logger.info(f"Wrote {path}: " + ", ".join(f"{k} {len(v)}" for k, v in datalist.items() if isinstance(v, list)))
-    return path
 
 
 class VolumeSlices(Dataset):

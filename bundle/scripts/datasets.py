@@ -10,6 +10,8 @@ description files; they never read image data.
   channel selection for multi-channel tasks; downloaded through MONAI when asked (and online).
 - ``mmwhs``: MM-WHS ``<modality>_train_NNNN_image.nii.gz`` + ``..._label.nii.gz``, raw label values remapped to 1..7.
 - ``folder``: any folder of image/label pairs given by two glob patterns.
+- ``synthetic``: the embedded synthetic volumes (``scripts.synthetic``), which it first writes in the ACDC layout;
+  from there on they take the same path as every real dataset.
 
 ``validate`` then reads every file once and collects every problem (unreadable files, wrong dimensions, image/label
 mismatches, unexpected label values, NaN/Inf or constant intensities, too few slices); ``prepare`` validates, splits
@@ -39,8 +41,8 @@ from scripts.transforms import check_size, choose_slice_axis, geometry_problem, 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RawDataset", "acdc", "decathlon", "mmwhs", "folder", "validate", "check_case", "fill_cache", "prepare",
-    "ACDC_LABELS", "MMWHS_LABELS", "MMWHS_LABEL_VALUES",
+    "RawDataset", "acdc", "decathlon", "mmwhs", "folder", "synthetic", "validate", "check_case", "fill_cache",
+    "prepare", "ACDC_LABELS", "MMWHS_LABELS", "MMWHS_LABEL_VALUES",
 ]
 
 ACDC_LABELS = {"0": "background", "1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
@@ -64,7 +66,7 @@ class RawDataset:
     """What an adapter found in a raw folder.
 
     Attributes:
-        kind: the layout ("acdc", "decathlon", "mmwhs", "folder").
+        kind: the layout ("acdc", "decathlon", "mmwhs", "folder", "synthetic").
         root: the folder read (absolute).
         cases: one dict per volume: "image" and "label" (absolute paths; no "label" for an unlabelled volume),
             "patient" (all volumes of a patient share one role in the split), and layout details.
@@ -451,6 +453,19 @@ def folder(
         label_values=None if label_values is None else [int(v) for v in label_values], problems=problems,
         details={"image_glob": image_glob, "label_glob": label_glob, "patient_pattern": patient_pattern},
     )
+
+
+# ---------------------------------------------------------------- the embedded synthetic data
+def synthetic(dataset_dir: str, num_patients: int = 40, seed: int = 0) -> RawDataset:
+    """The embedded synthetic volumes: ``scripts.synthetic.write_dataset`` writes ``num_patients`` of them, drawn
+    with ``seed``, into ``dataset_dir`` in the ACDC layout (``patientNNN/patientNNN_frame01[_gt].nii.gz``; complete
+    pairs already there are kept), and their cases are returned in patient order, one labelled end-diastole volume
+    per patient, with the ACDC class names. The only adapter that writes files: the others read a raw folder."""
+    from scripts.synthetic import write_dataset
+
+    cases = write_dataset(dataset_dir, num_patients=num_patients, seed=seed)
+    return RawDataset(kind="synthetic", root=os.path.abspath(os.fspath(dataset_dir)), cases=cases,
+                      labels=dict(ACDC_LABELS), details={"num_patients": num_patients})
 
 
 # ---------------------------------------------------------------- validation

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -239,6 +240,32 @@ class LocalContrastiveNet(nn.Module):
         with torch.no_grad():
             features = self.unet.encode(x)
         return self.head(self.unet.decode(features, self.decoder_blocks))
+
+
+def unet_shape(checkpoint: str | None = None) -> dict[str, list[int]]:
+    """The channel lists of the ``UNet2D`` saved in ``checkpoint``, as its ``encoder_channels`` / ``decoder_channels``
+    arguments: ``{"encoder_channels": [C_0, ...], "decoder_channels": [D_1, ...]}``, read from the shapes of its
+    weights (``encoder.<i>.0.weight``: (C_i, C_in, 3, 3); ``decoder.<j>.conv.0.weight``: (D_j+1, ., 3, 3)).
+
+    ``checkpoint``: a U-Net state_dict or a dict holding one under "model" (loaded with ``weights_only=True``). No
+    file (None, "", or a bundle without its weights yet): the reference U-Net's, the shape of the weights the bundle
+    ships (``REFERENCE_ENCODER_CHANNELS`` / ``REFERENCE_DECODER_CHANNELS``).
+    """
+    if not checkpoint or not os.path.isfile(checkpoint):
+        return {"encoder_channels": list(REFERENCE_ENCODER_CHANNELS),
+                "decoder_channels": list(REFERENCE_DECODER_CHANNELS)}
+    loaded = safe_load(checkpoint)
+    state = loaded.get("model", loaded)
+
+    def channels(pattern: str) -> list[int]:
+        found = {int(m.group(1)): int(v.shape[0]) for k, v in state.items() if (m := re.fullmatch(pattern, k))}
+        return [found[i] for i in range(len(found))] if sorted(found) == list(range(len(found))) else []
+
+    encoder, decoder = channels(r"encoder\.(\d+)\.0\.weight"), channels(r"decoder\.(\d+)\.conv\.0\.weight")
+    if len(encoder) < 2 or len(decoder) != len(encoder) - 1:
+        raise BundleError(f"{checkpoint}: not a UNet2D state_dict (no encoder.<i>.0.weight / "
+                          "decoder.<j>.conv.0.weight of matching counts).")
+    return {"encoder_channels": encoder, "decoder_channels": decoder}
 
 
 def pretrained_prefixes(decoder_blocks: int) -> tuple[str, ...]:
