@@ -9,11 +9,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from _bundle_runs import PRETRAIN, TINY, config, paths, prepare, run
+from conftest import PRETRAIN, TINY, config, paths, prepare, run
 from scripts.errors import BundleError
 from scripts.networks import UNet2D, pretrained_prefixes
 
-CHANNELS = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}   # tests/_bundle_runs TINY
+CHANNELS = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}   # conftest.TINY TINY
 
 
 def stand_in(path, seed, contract):

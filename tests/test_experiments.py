@@ -16,12 +16,12 @@ import fire.parser
 import pytest
 import yaml
 
+from conftest import ROOT
 from study import experiments as ex
 from study import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = os.path.join(ROOT, "docs", "experiments")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "bundle"), ROOT])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "bundle"), str(ROOT)])}
 
 
 def plan_jobs(name, tmp_path):

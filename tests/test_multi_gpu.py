@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-import _bundle_runs as br
+import conftest as br
 from scripts.checkpoints import safe_load
 
 WORLD = 2

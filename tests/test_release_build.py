@@ -12,10 +12,10 @@ import zipfile
 import pytest
 import yaml
 
+from conftest import ROOT
 from study import build_release, experiments, release
 from study.report import read_dice_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ACDC = os.path.join(ROOT, "..", "shared", "data", "acdc")
 NAME, VERSION = release.NAME, release.read_metadata()["version"]
 
