@@ -23,6 +23,8 @@ CONFIGS = BUNDLE / "configs"
 # a tiny U-Net (train.yaml / pretrain.yaml arguments), no loader or cache worker processes
 TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
         "--cache_workers", "0"]
+# the same U-Net as keyword arguments (of ``UNet2D``, or overrides of a parsed config)
+TINY_NETWORK = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}
 # the same U-Net for inference.yaml (its network is ``network_def``)
 TINY_INFERENCE = ["--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]"]
 # pre-training: 3 epochs of 2 iterations per stage

@@ -17,7 +17,7 @@ import pytest
 import conftest as br
 
 FINE_TUNE = [*br.TINY, *br.FINETUNE, "--use_pretrained", "False", "--num_labelled", "1"]
-TINY_INFERENCE = ["--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]"]
+TINY_INFERENCE = br.TINY_INFERENCE
 
 
 def last_line(result) -> str:

@@ -11,10 +11,9 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE, CONFIGS, ROOT, TINY, TINY_INFERENCE, config, run
+from conftest import BUNDLE, CONFIGS, ROOT, TINY, TINY_INFERENCE, TINY_NETWORK, config, run
 
 SCHEMA = os.path.join(ROOT, "docs", "scripts", "meta_schema_20240725.json")   # the zoo schema, local copy
-TINY_NETWORK = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}
 
 
 def bundle(cwd, *args, pythonpath=False):
