@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_nifti
 from scripts.contract import build_preprocessing, make_contract
 from scripts.data import load_datalist
 from scripts.datasets import check_case
@@ -27,9 +27,7 @@ CONTRACT = make_contract(16, 2.0, ["background", "a", "b"], placeholder_spacing=
 
 
 def _write(path, array, affine=None):
-    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([2.0, 2.0, 5.0, 1.0]) if affine is None else affine),
-             str(path))
-    return str(path)
+    return write_nifti(path, array, affine, spacing=(2.0, 2.0, 5.0))
 
 
 def _image(shape=(12, 12, 4)):

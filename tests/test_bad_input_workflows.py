@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import _bundle_runs as br
+import conftest as br
 
 FINE_TUNE = [*br.TINY, *br.FINETUNE, "--use_pretrained", "False", "--num_labelled", "1"]
-TINY_INFERENCE = ["--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]"]
+TINY_INFERENCE = br.TINY_INFERENCE
 
 
 def last_line(result) -> str:
@@ -50,7 +50,7 @@ def test_a_nan_voxel_in_a_fine_tuning_volume_stops_naming_the_file(work):
         image = nib.load(str(folder / entry["image"]))
         array = np.asarray(image.dataobj, dtype=np.float32)
         array[0, 0, 0] = np.nan
-        nib.save(nib.Nifti1Image(array, image.affine), str(folder / "nan_image.nii.gz"))
+        br.write_nifti(folder / "nan_image.nii.gz", array, image.affine)
         entry["image"] = "nan_image.nii.gz"
 
     datalist = _datalist_variant(work, "nan.json", poison)

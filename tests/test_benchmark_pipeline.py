@@ -4,10 +4,11 @@ import math
 
 import pytest
 
+from conftest import TINY_NETWORK
 from study import benchmark, pipeline_bench
 
 # a small network, small batches and the synthetic data at 6 patients: seconds, not minutes
-TINY = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4], "num_workers": 0,
+TINY = {**TINY_NETWORK, "num_workers": 0,
         "global#volumes_per_batch": 2, "local#volumes_per_batch": 2, "global#hidden_features": 16,
         "global#embedding_features": 8, "pretrain_epoch_length": 2, "batch_size": 4, "iterations_per_epoch": 2}
 TINY_DATA = ["--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",

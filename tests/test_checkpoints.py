@@ -20,7 +20,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-import _bundle_runs as br
+import conftest as br
 from scripts.checkpoints import (
     CheckpointSaver,
     NonFiniteGuard,

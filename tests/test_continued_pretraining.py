@@ -9,17 +9,15 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from _bundle_runs import PRETRAIN, TINY, config, paths, prepare, run
+from conftest import PRETRAIN, TINY, TINY_NETWORK, config, paths, prepare, run
 from scripts.errors import BundleError
 from scripts.networks import UNet2D, pretrained_prefixes
-
-CHANNELS = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}   # tests/_bundle_runs TINY
 
 
 def stand_in(path, seed, contract):
     """A U-Net checkpoint as a release ships it ({"model", "contract"}), with seeded random weights."""
     torch.manual_seed(seed)
-    state = UNet2D(1, contract["num_classes"], **CHANNELS).state_dict()
+    state = UNet2D(1, contract["num_classes"], **TINY_NETWORK).state_dict()
     torch.save({"model": state, "contract": contract}, path)
     return state
 
@@ -39,7 +37,7 @@ def parser(workspace, **overrides):
     config_parser = ConfigParser()
     config_parser.read_config(eval(config("train.yaml", "pretrain.yaml")))
     config_parser.update({"dataset_dir": workspace["data"][1], "device": "$torch.device('cpu')",
-                          "init_checkpoint": str(workspace["release"]), **CHANNELS, **overrides})
+                          "init_checkpoint": str(workspace["release"]), **TINY_NETWORK, **overrides})
     return config_parser
 
 

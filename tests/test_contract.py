@@ -14,14 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import _bundle_runs as br
-from _bundle_runs import TINY, config
+import conftest as br
+from conftest import CONFIGS, TINY, TINY_INFERENCE, config, write_nifti
 from scripts.contract import make_contract, resolve
 from scripts.errors import BundleError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "bundle", "configs")
-TINY_INFERENCE = ["--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]"]
 LABELS = ["background", "right ventricle", "myocardium", "left ventricle"]
 
 
@@ -65,8 +62,7 @@ def trained(tmp_path_factory):
     shutil.copytree(good, mixed)
     data = images[2].read_bytes()
     (mixed / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40)).astype(np.float32), np.eye(4)),
-             str(mixed / "flat.nii.gz"))
+    write_nifti(mixed / "flat.nii.gz", np.random.default_rng(0).random((40, 40)).astype(np.float32), np.eye(4))
     return work
 
 

@@ -5,8 +5,6 @@ absent)."""
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from conftest import BUNDLE, CONFIGS, ROOT, config, run, write_nifti
 from scripts.contract import make_contract
 from scripts.data import CachedVolumes, datalist_info, label_names, load_datalist, split_patients
 from scripts.datasets import (
@@ -31,17 +30,14 @@ from scripts.datasets import (
 from scripts.synthetic import write_dataset
 from scripts.transforms import preprocessing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "bundle", "configs")
 SHARED_ACDC = os.path.join(ROOT, "..", "shared", "data", "acdc")
 SETTINGS = {"image_size": 16, "spacing": 3.0, "slice_axis": "auto", "placeholder_spacing": 1.5}
 SMALL_SPLIT = {"num_validation": 1, "num_test": 1, "subset_sizes": [1, 2], "num_subsets": [2, 1]}
 
 
 def _nii(path, array, affine=None):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 8.0, 1.0]) if affine is None else affine), str(path))
-    return str(path)
+    """A NIfTI file of 2 x 2 x 8 mm voxels unless ``affine`` is given; returns its path."""
+    return write_nifti(path, array, affine, spacing=(2.0, 2.0, 8.0))
 
 
 def _pair(seed, shape=(20, 18, 6), classes=4):
@@ -425,11 +421,8 @@ def test_prepare_command_fills_the_cache_the_workflows_read(tmp_path):
     overrides = ["--raw_dir", str(raw), "--dataset_dir", str(out), "--image_size", "16", "--split#num_test", "1",
                  "--split#num_validation", "1", "--split#subset_sizes", "[1,2]", "--split#num_subsets", "[1,1]",
                  "--cache_workers", "2"]
-    files = str([os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "prepare.yaml")])
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "prepare_decathlon", "--config_file", files,
-                             *overrides], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "bundle")})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run(tmp_path, "run", "prepare_decathlon", "--config_file", config("train.yaml", "prepare.yaml"),
+                 *overrides, timeout=None, env={"PYTHONPATH": str(BUNDLE)})
     assert "decathlon: 6 volumes of 6 patients" in result.stdout and "9 volumes pre-processed" in result.stdout
     parser = ConfigParser()
     parser.read_config([os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "pretrain.yaml")])

@@ -13,7 +13,7 @@ import math
 
 import yaml
 
-from _bundle_runs import ROOT, config, run
+from conftest import ROOT, config, run
 
 DEMO_PRETRAIN = ROOT / "docs" / "scripts" / "demo_pretrain.yaml"
 BUDGET = 300   # global iterations here (the demo runs demo_pretrain.yaml's global#max_iterations)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from _bundle_runs import ROOT
+from conftest import ROOT
 
 DESIGN = ROOT / "docs" / "design.md"
 FOLDERS = {"bundle/configs": "*", "bundle/scripts": "*.py", "study": "*.py"}

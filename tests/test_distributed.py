@@ -23,11 +23,11 @@ import pytest
 import torch
 
 import _dist_worker as worker
+from conftest import BUNDLE
 from scripts.losses import GLOBAL_STRATEGIES, GlobalContrastiveLoss, LocalContrastiveLoss
 
 WORLD = 2
 HERE = Path(__file__).resolve().parent
-BUNDLE = HERE.parent / "bundle"
 
 
 @pytest.fixture(scope="module")

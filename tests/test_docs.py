@@ -31,10 +31,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle import scripts as bundle_verbs
 
+from conftest import BUNDLE, ROOT
 from scripts.networks import UNet2D
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLE = os.path.join(ROOT, "bundle")
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
         *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "study", "*.md"))),
         "bundle/docs/README.md"]   # docs/study/*.md: the hand-written study pages (the reports are in subfolders)

@@ -9,10 +9,9 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
+from conftest import CONFIGS
 from scripts.engines import AugmentedBatch, ContrastiveViews, MetadataLoss, PlateauStop
 from scripts.losses import GlobalContrastiveLoss, LocalContrastiveLoss
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
 
 
 def _batch(b=6):

@@ -17,15 +17,15 @@ import fire.parser
 import pytest
 import yaml
 
+from conftest import ROOT
 from study import report
 from study.jobs import build_jobs, format_value
 from study.ledger import append_ledger, check_unchanged, jsonable, read_ledger
 from study.plan import CONFIGS, load_plan, normalise_plan
 from study.results import check_datalist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = os.path.join(ROOT, "docs", "experiments")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "bundle"), ROOT])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "bundle"), str(ROOT)])}
 
 
 def plan_jobs(name, tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from _bundle_runs import ROOT
+from conftest import ROOT
 
 ENV = dict(os.environ, PYTHONPATH="bundle", OMP_NUM_THREADS="1")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from _bundle_runs import ROOT
+from conftest import ROOT
 
 PACKAGES = {"scripts": ROOT / "bundle" / "scripts", "study": ROOT / "study"}
 

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-import _bundle_runs as br
+import conftest as br
 from scripts.checkpoints import safe_load
 
 WORLD = 2

@@ -1,18 +1,13 @@
 """Pre-processing with known answers: in-plane resampling, the placeholder-affine fallback, the slice-axis rule,
 percentile normalisation, channel selection, label remapping, and the inverse back to the native grid."""
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.transforms import Invertd
 
+from conftest import write_nifti
 from scripts.transforms import choose_slice_axis, is_placeholder_affine, preprocessing
-
-
-def _write(path, array, affine):
-    nib.save(nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64)), str(path))
-    return str(path)
 
 
 def _ramp(shape):
@@ -50,8 +45,8 @@ def test_in_plane_resampling_with_real_spacing(tmp_path):
     label[9:21, 6:14] = 1  # 12 x 8 voxels = 24 x 16 mm
     image = _ramp(label.shape) + 10 * label
     affine = np.diag([2.0, 2.0, 5.0, 1.0])
-    data = {"image": _write(tmp_path / "i.nii.gz", image, affine),
-            "label": _write(tmp_path / "l.nii.gz", label, affine)}
+    data = {"image": write_nifti(tmp_path / "i.nii.gz", image, affine),
+            "label": write_nifti(tmp_path / "l.nii.gz", label, affine)}
     out = preprocessing(image_size=64, spacing=1.0, placeholder_spacing=1.5)(data)
     assert out["image"].shape == (1, 64, 64, 4) and out["label"].shape == (1, 64, 64, 4)
     np.testing.assert_allclose(np.diag(out["image"].affine)[:3], [1.0, 1.0, 5.0])  # the fallback did not apply
@@ -65,8 +60,8 @@ def test_placeholder_affine_gets_the_nominal_spacing(tmp_path):
     label = np.zeros((40, 36, 5), np.uint8)
     label[10:30, 8:28] = 2  # 20 x 20 voxels -> 10 x 10 pixels
     image = _ramp(label.shape) + 5 * label
-    data = {"image": _write(tmp_path / "i.nii.gz", image, np.eye(4)),
-            "label": _write(tmp_path / "l.nii.gz", label, np.eye(4))}
+    data = {"image": write_nifti(tmp_path / "i.nii.gz", image, np.eye(4)),
+            "label": write_nifti(tmp_path / "l.nii.gz", label, np.eye(4))}
     pre = preprocessing(image_size=32, spacing=3.0, placeholder_spacing=1.5)
     out = pre(data)
     assert out["label"].shape == (1, 32, 32, 5)
@@ -77,8 +72,8 @@ def test_placeholder_affine_gets_the_nominal_spacing(tmp_path):
 def test_placeholder_affine_fit_mode_keeps_the_aspect_ratio(tmp_path):
     """placeholder_spacing None: the longer side (100 voxels) becomes image_size (32) pixels, the other 50 -> 16."""
     label = np.ones((100, 50, 6), np.uint8)
-    data = {"image": _write(tmp_path / "i.nii.gz", _ramp(label.shape), np.eye(4)),
-            "label": _write(tmp_path / "l.nii.gz", label, np.eye(4))}
+    data = {"image": write_nifti(tmp_path / "i.nii.gz", _ramp(label.shape), np.eye(4)),
+            "label": write_nifti(tmp_path / "l.nii.gz", label, np.eye(4))}
     out = preprocessing(image_size=32, spacing=3.0, placeholder_spacing=None)(data)
     mask = out["label"][0, :, :, 0].numpy() == 1
     rows, cols = np.nonzero(mask)
@@ -97,8 +92,8 @@ def test_slice_axis_ends_last_and_inverts(tmp_path, slice_axis, expected_axis):
     label[tuple(index)] = 1  # one slab along the chosen axis
     affine = np.diag([8.0, 1.2, 1.2, 1.0])
     affine[:3, 3] = [10.0, -20.0, 30.0]
-    image_path = _write(tmp_path / "i.nii.gz", _ramp(shape) + 3 * label, affine)
-    label_path = _write(tmp_path / "l.nii.gz", label, affine)
+    image_path = write_nifti(tmp_path / "i.nii.gz", _ramp(shape) + 3 * label, affine)
+    label_path = write_nifti(tmp_path / "l.nii.gz", label, affine)
     pre = preprocessing(image_size=48, spacing=1.2, slice_axis=slice_axis)
     out = pre({"image": image_path, "label": label_path})
     assert out["label"].shape[-1] == shape[expected_axis]
@@ -117,7 +112,7 @@ def test_slice_axis_ends_last_and_inverts(tmp_path, slice_axis, expected_axis):
 def test_inverse_of_the_placeholder_fallback_restores_identity(tmp_path):
     label = np.zeros((40, 36, 5), np.uint8)
     label[10:30, 8:28] = 1
-    path = _write(tmp_path / "l.nii.gz", label, np.eye(4))
+    path = write_nifti(tmp_path / "l.nii.gz", label, np.eye(4))
     for placeholder_spacing in (1.5, None):
         pre = preprocessing(keys=("image",), image_size=32, spacing=3.0, placeholder_spacing=placeholder_spacing)
         data = pre({"image": path})
@@ -133,7 +128,7 @@ def test_percentile_normalisation_known_answer(tmp_path):
     equal to the file's and image_size equal to the slice size, the geometry is the identity."""
     rng = np.random.default_rng(0)
     image = rng.gamma(2.0, 50.0, size=(16, 16, 4)).astype(np.float32)
-    path = _write(tmp_path / "i.nii.gz", image, np.diag([2.0, 2.0, 6.0, 1.0]))
+    path = write_nifti(tmp_path / "i.nii.gz", image, np.diag([2.0, 2.0, 6.0, 1.0]))
     out = preprocessing(keys=("image",), image_size=16, spacing=2.0)({"image": path})["image"][0].numpy()
     low, high = np.percentile(image, [1, 99])
     np.testing.assert_allclose(out, (image - low) / (high - low), rtol=1e-4, atol=1e-5)
@@ -147,12 +142,12 @@ def test_channel_selection_and_label_remapping(tmp_path):
     label = np.zeros((12, 12, 4), np.int16)
     label[2:6, 2:6] = 500
     label[7:10, 7:10] = 205
-    data = {"image": _write(tmp_path / "i4.nii.gz", channels, affine),
-            "label": _write(tmp_path / "l.nii.gz", label, affine)}
+    data = {"image": write_nifti(tmp_path / "i4.nii.gz", channels, affine),
+            "label": write_nifti(tmp_path / "l.nii.gz", label, affine)}
     pre = preprocessing(image_size=12, spacing=2.0, channel=1, label_values=[0, 205, 500])
     out = pre(data)
     single = preprocessing(keys=("image",), image_size=12, spacing=2.0)(
-        {"image": _write(tmp_path / "c1.nii.gz", channels[..., 1], affine)})
+        {"image": write_nifti(tmp_path / "c1.nii.gz", channels[..., 1], affine)})
     torch.testing.assert_close(out["image"], single["image"])
     image_only = preprocessing(keys=("image",), image_size=12, spacing=2.0, channel=1)
     inverted = image_only({"image": data["image"]})
@@ -165,7 +160,7 @@ def test_channel_selection_and_label_remapping(tmp_path):
         preprocessing(image_size=12, spacing=2.0)(data)
     assert "i4.nii.gz: 'image' has 2 channels" in str(error.value.__cause__)  # 4D without a channel, file named
     label[0, 0, 0] = 7
-    data["label"] = _write(tmp_path / "bad.nii.gz", label, affine)
+    data["label"] = write_nifti(tmp_path / "bad.nii.gz", label, affine)
     with pytest.raises(RuntimeError) as error:
         pre(data)
     assert "bad.nii.gz: unexpected label values [7]" in str(error.value.__cause__)

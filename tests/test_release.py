@@ -33,6 +33,7 @@ import yaml
 from monai.apps.utils import HashCheckError
 from monai.bundle import download_large_files
 
+from conftest import ROOT, run, write_nifti
 from scripts.errors import BundleError, MissingFileError
 from scripts.exported import load_exported
 from scripts.networks import UNet2D, pretrained_prefixes
@@ -40,7 +41,6 @@ from scripts.report import read_scalars
 from scripts.synthetic import make_volume
 from study import release
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = release.NAME
 VERSION = release.read_metadata()["version"]
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
@@ -167,11 +167,13 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+# the environment of someone who has only downloaded the bundle: no PYTHONPATH, no proxy for 127.0.0.1
+USER_ENV = {"PYTHONPATH": None, "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
 def user_env():
-    """The environment of someone who has only downloaded the bundle: no PYTHONPATH, no proxy for 127.0.0.1."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
-    return env
+    """This process's environment changed as ``USER_ENV`` says (None: removed)."""
+    return {k: v for k, v in dict(os.environ, **USER_ENV).items() if v is not None}
 
 
 def user(cwd, *args, ok=True):
@@ -184,7 +186,12 @@ def user(cwd, *args, ok=True):
 
 
 def monai_bundle(cwd, *args, ok=True):
-    return user(cwd, "-m", "monai.bundle", *args, ok=ok)
+    """``python -m monai.bundle <args>`` in ``cwd`` as a user runs it; the test fails with the output unless it exits
+    as ``ok``."""
+    result = run(cwd, *args, expect=None, env=USER_ENV)
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == ok, f"monai.bundle {' '.join(args)} -> {result.returncode}:\n{output[-6000:]}"
+    return output
 
 
 def flip_byte(path, offset=-100):
@@ -196,11 +203,11 @@ def flip_byte(path, offset=-100):
 def write_volume(path, seed, merge_blood_pools=False, label_path=None):
     image, label, spacing = make_volume(seed)
     affine = np.diag([*map(float, spacing), 1.0])
-    nib.save(nib.Nifti1Image(image, affine), str(path))
+    write_nifti(path, image, affine)
     if label_path is not None:
         if merge_blood_pools:   # a different label set: 0 background, 1 blood pool (RV + LV), 2 myocardium
             label = np.select([label == 2, (label == 1) | (label == 3)], [2, 1], 0).astype(np.uint8)
-        nib.save(nib.Nifti1Image(label, affine), str(label_path))
+        write_nifti(label_path, label, affine)
 
 
 USER_SCRIPT = '''"""A user's Python session with the downloaded bundle (one process: each MONAI import costs seconds):

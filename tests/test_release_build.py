@@ -12,12 +12,12 @@ import zipfile
 import pytest
 import yaml
 
+from conftest import ROOT
 from study import build_release, release
 from study.jobs import build_jobs
 from study.plan import load_plan, normalise_plan
 from study.report import read_dice_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ACDC = os.path.join(ROOT, "..", "shared", "data", "acdc")
 NAME, VERSION = release.NAME, release.read_metadata()["version"]
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-import _bundle_runs as br
+import conftest as br
 from scripts.errors import BundleError, find_bundle_error
 from scripts.selection import (
     choose,

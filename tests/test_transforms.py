@@ -10,14 +10,8 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.transforms import Invertd, Rand2DElastic
 
+from conftest import CONFIGS, write_nifti
 from scripts.transforms import RandBrightnessContrast, RandCropResize, RandSpatialAugmentd, preprocessing
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
-
-
-def _write(path, array, spacing):
-    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
-    return str(path)
 
 
 @pytest.fixture
@@ -28,8 +22,8 @@ def square_volume(tmp_path):
     image += np.linspace(0, 1, 5, dtype=np.float32)  # slice-wise offset, tiny next to the square
     label = np.zeros((128, 96, 5), np.uint8)
     label[44:84, 28:68] = 2
-    return {"image": _write(tmp_path / "img.nii.gz", image, (1, 1, 8)),
-            "label": _write(tmp_path / "lab.nii.gz", label, (1, 1, 8))}
+    return {"image": write_nifti(tmp_path / "img.nii.gz", image, spacing=(1, 1, 8)),
+            "label": write_nifti(tmp_path / "lab.nii.gz", label, spacing=(1, 1, 8))}
 
 
 def test_resampling_keeps_physical_size_and_slices(square_volume):

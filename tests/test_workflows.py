@@ -4,8 +4,6 @@ prepare -> pretrain (global then local) -> fine-tune -> evaluate -> infer; plus 
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -13,16 +11,9 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "bundle", "configs")
+from conftest import BUNDLE, CONFIGS, ROOT, TINY, TINY_INFERENCE, TINY_NETWORK, config, run
+
 SCHEMA = os.path.join(ROOT, "docs", "scripts", "meta_schema_20240725.json")   # the zoo schema, local copy
-TINY_NETWORK = {"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4]}
-TINY = ["--encoder_channels", "[4,8,8,8,8,8]", "--decoder_channels", "[8,8,8,8,4]", "--num_workers", "0",
-        "--cache_workers", "0"]
-
-
-def config(*names):
-    return str([os.path.join(CONFIGS, n) for n in names])
 
 
 def bundle(cwd, *args, pythonpath=False):
@@ -30,11 +21,7 @@ def bundle(cwd, *args, pythonpath=False):
 
     ``run`` finds the bundle's ``scripts`` package itself; the checking commands (verify_net_in_out, ckpt_export)
     need it on PYTHONPATH, as the README says."""
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "bundle")} if pythonpath else None
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True,
-                            env=env)
-    output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    assert result.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{output}"
+    result = run(cwd, *args, timeout=None, env={"PYTHONPATH": str(BUNDLE)} if pythonpath else None)
     return result.stdout + result.stderr
 
 
@@ -59,8 +46,7 @@ def workspace(tmp_path_factory):
     logs["evaluate"] = bundle(work, "run", "--config_file", config("train.yaml", "evaluate.yaml"), *paths, *TINY)
     logs["infer"] = bundle(work, "run", "--config_file", config("inference.yaml"), "--dataset_dir", str(work / "data"),
                            "--checkpoint", str(work / "models" / "model.pt"), "--output_dir", str(work / "pred"),
-                           "--network_def#encoder_channels", "[4,8,8,8,8,8]",
-                           "--network_def#decoder_channels", "[8,8,8,8,4]")
+                           *TINY_INFERENCE)
     return work, logs
 
 
@@ -127,8 +113,7 @@ def test_bundle_checks_metadata_network_and_export(workspace, tmp_path):
            "--checkpoint", str(work / "models" / "model.pt"),
            "--meta_file", os.path.join(CONFIGS, "metadata.json"),
            "--config_file", os.path.join(CONFIGS, "inference.yaml"),
-           "--network_def#encoder_channels", "[4,8,8,8,8,8]", "--network_def#decoder_channels", "[8,8,8,8,4]",
-           pythonpath=True)
+           *TINY_INFERENCE, pythonpath=True)
     scripted = torch.jit.load(str(exported))
     assert scripted(torch.rand(1, 1, 64, 64)).shape == (1, 4, 64, 64)
     trained = torch.load(work / "models" / "model.pt", weights_only=True)["model"]

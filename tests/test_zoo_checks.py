@@ -9,17 +9,14 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import BUNDLE, ROOT, run
 from scripts.contract import resolve
 from scripts.networks import UNet2D
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLE = os.path.join(ROOT, "bundle")
 SCHEMA = os.path.join(ROOT, "docs", "scripts", "meta_schema_20240725.json")
 METADATA = os.path.join(BUNDLE, "configs", "metadata.json")
 CONTRACT = json.load(open(METADATA))["data_contract"]
@@ -27,12 +24,8 @@ CONTRACT = json.load(open(METADATA))["data_contract"]
 
 def zoo_command(folder, *args, expect: int = 0) -> str:
     """``python -m monai.bundle <args>`` in the bundle folder ``folder``; asserts its exit code, returns its output."""
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=folder, capture_output=True,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, f"monai.bundle {' '.join(map(str, args))} returned {result.returncode}:\n" \
-                                        f"{output[-4000:]}"
-    return output
+    result = run(folder, *args, expect=expect)
+    return result.stdout + result.stderr
 
 
 @pytest.fixture

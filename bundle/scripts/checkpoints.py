@@ -42,6 +42,7 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 from monai.transforms import Randomizable
 
+from scripts.distributed import rank_and_world_size
 from scripts.errors import BundleError, MissingFileError
 
 __all__ = [
@@ -179,7 +180,7 @@ class _AtomicDiskSaver(DiskSaver):
 
     def remove(self, filename: str) -> None:
         path = Path(self.dirname) / (self.filename or filename)
-        if self.save_on_rank == _rank() and path.exists():
+        if self.save_on_rank == rank_and_world_size()[0] and path.exists():
             path.unlink()
 
 
@@ -202,14 +203,6 @@ class CheckpointSaver(_MonaiCheckpointSaver):
 
 
 # ---------------------------------------------------------------- RNG states as plain tensors and containers
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _numpy_state(rng: np.random.RandomState) -> dict:
     name, keys, pos, has_gauss, gauss = rng.get_state()
     return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -362,7 +355,7 @@ class TrainingState:
     def _wait_for_rank0(engine: Engine) -> None:
         """Under torch.distributed, the ranks leave the stage together: rank 0 writes the stage's final files
         (handlers attached before this one), which the next stage of the same run may read on every rank."""
-        if _world_size() > 1:
+        if rank_and_world_size()[1] > 1:
             dist.barrier()
 
     def _set_sampler_epoch(self, engine: Engine) -> None:
@@ -376,8 +369,9 @@ class TrainingState:
     def state_dict(self, engine: Engine) -> dict:
         """Everything saved, as plain tensors and containers (what ``weights_only=True`` loads)."""
         rng = _rng_states(self.randomizables)
-        if _world_size() > 1:
-            gathered = [None] * _world_size()
+        world = rank_and_world_size()[1]
+        if world > 1:
+            gathered = [None] * world
             dist.all_gather_object(gathered, rng)
             rng = gathered
         else:
@@ -385,7 +379,7 @@ class TrainingState:
         state = {
             "format": STATE_FORMAT,
             "stage": self.stage,
-            "world_size": _world_size(),
+            "world_size": world,
             "trainer": dict(engine.state_dict()),
             "objects": {k: v.state_dict() for k, v in self.save_dict.items()},
             "rng": rng,
@@ -401,10 +395,11 @@ class TrainingState:
     def save(self, engine: Engine) -> None:
         """Write the state (rank 0) atomically; every rank must call it (the RNG states are gathered)."""
         state = self.state_dict(engine)
-        if _rank() == 0:
+        rank, world = rank_and_world_size()
+        if rank == 0:
             atomic_save(state, self.path)
             logger.info(f"{self.stage}: training state at epoch {engine.state.epoch} saved to {self.path}")
-        if _world_size() > 1:
+        if world > 1:
             dist.barrier()
 
     def load(self, engine: Engine) -> None:
@@ -438,7 +433,7 @@ class TrainingState:
         max_epochs = engine.state.max_epochs
         engine.load_state_dict(state["trainer"])
         engine.state.max_epochs = max_epochs  # this run's budget (it may extend the saved one)
-        _set_rng_states(state["rng"][_rank()], self.randomizables)
+        _set_rng_states(state["rng"][rank_and_world_size()[0]], self.randomizables)
         logger.info(f"{self.stage}: resumed from {self.path} at epoch {engine.state.epoch} "
                     f"(iteration {engine.state.iteration}) of {max_epochs}.")
 
@@ -448,13 +443,14 @@ class TrainingState:
         mine = {"found": found, "problem": problem, "hash": file_hash(self.path) if found else None,
                 "iteration": state["trainer"].get("iteration") if problem is None and state is not None else None}
         everyone = [mine]
-        if _world_size() > 1:
-            everyone = [None] * _world_size()
+        world = rank_and_world_size()[1]
+        if world > 1:
+            everyone = [None] * world
             dist.all_gather_object(everyone, mine)
         refused = [(rank, view["problem"]) for rank, view in enumerate(everyone) if view["problem"]]
         if refused:
             rank, message = refused[0]
-            raise BundleError(message if _world_size() == 1 else f"rank {rank}: {message}")
+            raise BundleError(message if world == 1 else f"rank {rank}: {message}")
         views = {(v["found"], v["iteration"], v["hash"]) for v in everyone}
         if len(views) > 1:
             seen = "; ".join(
@@ -476,8 +472,9 @@ class TrainingState:
             refuse(f"entries {missing} are missing")
         if state["stage"] != self.stage:
             refuse(f"it belongs to stage '{state['stage']}', not '{self.stage}'")
-        if state["world_size"] != _world_size():
-            refuse(f"it was written by {state['world_size']} process(es), this run has {_world_size()}; resume with "
+        world = rank_and_world_size()[1]
+        if state["world_size"] != world:
+            refuse(f"it was written by {state['world_size']} process(es), this run has {world}; resume with "
                    f"the same number of processes")
         absent = sorted(set(self.save_dict) - set(state["objects"]))
         if absent:
@@ -542,7 +539,8 @@ class NonFiniteGuard:
     def __call__(self, engine: Engine) -> None:
         loss = _loss(engine.state.output)
         bad = loss is not None and not bool(torch.isfinite(loss).all())
-        if _world_size() > 1:
+        world = rank_and_world_size()[1]
+        if world > 1:
             flag = torch.tensor([float(bad)], device=loss.device if loss is not None else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             bad = bool(flag.item())
@@ -556,6 +554,6 @@ class NonFiniteGuard:
             kept = "no training state was saved before it"
         raise NonFiniteLossError(
             f"stage '{self.stage}': the loss is {value} at iteration {engine.state.iteration} (epoch "
-            f"{engine.state.epoch}){' on some rank' if _world_size() > 1 else ''}; stopped, {kept}. Lower the "
+            f"{engine.state.epoch}){' on some rank' if world > 1 else ''}; stopped, {kept}. Lower the "
             "learning rate or check the data, then rerun with --resume True to continue from that state."
         )

@@ -245,7 +245,8 @@ class PlateauStop:
             engine.terminate()
 
     def _completed(self, engine) -> None:
-        from scripts.checkpoints import _rank, atomic_write_json
+        from scripts.checkpoints import atomic_write_json
+        from scripts.distributed import rank_and_world_size
 
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))
         judged = self.judged()
@@ -277,7 +278,7 @@ class PlateauStop:
             converged = True
         log = logger.warning if converged is False else logger.info
         log(f"pretrain-{self.stage}: stopped at iteration {int(iteration)}, running loss {loss:.3f} ({why})")
-        if self.report and _rank() == 0:
+        if self.report and rank_and_world_size()[0] == 0:
             atomic_write_json({
                 "stage": self.stage, "reason": self.reason, "iteration": int(iteration), "loss": loss,
                 "best_loss": best_loss, "best_iteration": best_iteration, "converged": converged,

@@ -19,9 +19,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
+from scripts.distributed import rank_and_world_size
 from scripts.errors import BundleError
 
 __all__ = ["partition_of", "PartitionBatchSampler", "ShardedRandomSampler"]
@@ -123,9 +123,9 @@ class PartitionBatchSampler(Sampler[list[tuple[int, int]]]):
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-        initialised = dist.is_available() and dist.is_initialized()
-        world_size = (dist.get_world_size() if initialised else 1) if world_size is None else world_size
-        rank = (dist.get_rank() if initialised else 0) if rank is None else rank
+        group_rank, group_world = rank_and_world_size()
+        world_size = group_world if world_size is None else world_size
+        rank = group_rank if rank is None else rank
         if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}.")
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
