@@ -188,7 +188,7 @@ def _normalise_selection(selection: dict | None, inits: dict, source: str) -> di
         raise ValueError(f"{source}: selection.pretraining must name an initialisation with a global stage, got "
                          f"{selection.get('pretraining')!r}.")
     selection["pretraining"] = encoder["name"]
-    selection["rules"] = [str(r) for r in selection.get("rules", ["kmedoids"])]
+    selection["rules"] = [str(r) for r in selection.get("rules", ["kcenter"])]
     bad = sorted(set(selection["rules"]) - set(SELECTION_RULES))
     selection["num_labelled"] = [int(n) for n in selection.get("num_labelled", [])]
     if bad or not selection["rules"] or not selection["num_labelled"] or min(selection["num_labelled"]) < 1:

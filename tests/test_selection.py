@@ -177,7 +177,7 @@ def test_select_writes_the_key_the_csv_and_the_picture(selected):
         [c["image"] for c in chosen]
     assert all(float(r["distance_to_chosen"]) == 0.0 for r in rows if r["chosen"] == "1")
     assert (work / "run" / "eval" / "selected_2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "select (kmedoids)" in log
+    assert "select (kcenter)" in log   # the default rule
 
 
 def test_fine_tuning_runs_on_the_selected_volumes(selected):

@@ -3,8 +3,8 @@
 ``POST /activelearning/<name>`` asks the served app for the next image to annotate. ``CoverageStrategy`` embeds
 every image of the datastore with the bundle's pre-trained encoder (``configs/select.yaml``: the same embedding and
 ``selection_rule`` as the ``select`` run id) and answers the unlabelled image that the rule picks next around the
-images that already have a final label: with ``kmedoids``, the one that lowers the datastore's mean distance to its
-nearest labelled image most (the medoid when nothing is labelled yet). Embeddings are kept in memory per image file
+images that already have a final label: with the default ``kcenter``, the one farthest from every labelled image
+(the medoid when nothing is labelled yet). Embeddings are kept in memory per image file
 (path and modification time), so each image goes through the encoder once.
 
 MONAI Label's ``monaibundle`` sample app declares its strategies in its ``main.py`` only; docs/monailabel.md shows

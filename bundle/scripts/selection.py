@@ -17,9 +17,9 @@ already labelled (``fixed``, kept, never chosen again):
 - ``typical``: the k volumes of highest typicality (mean cosine similarity to the rest of the pool): the densest point.
 - ``random``: k volumes drawn with the seed (the baseline).
 
-Which rule helps fine-tuning most has not been measured yet: the default (``kmedoids``) is to be chosen on
-validation volumes by the study plan ``docs/experiments/selection_acdc.yaml``. Ties go to the lowest index, so every
-rule but ``random`` is deterministic, and ``random`` is for a given seed.
+The default (``kcenter``, configs/select.yaml) is the rule that ranked best against random subsets on ACDC's
+validation volumes (study plan ``docs/experiments/selection_acdc.yaml``, results in docs/results.md). Ties go to the
+lowest index, so every rule but ``random`` is deterministic, and ``random`` is for a given seed.
 """
 
 from __future__ import annotations
