@@ -173,6 +173,12 @@ def _normalise_benchmark(benchmark: dict | None, names: set, seeds: list, source
     return benchmark or None
 
 
+def default_selection_rule() -> str:
+    """select.yaml's ``selection_rule``: the rule a plan's ``selection`` measures when it names none."""
+    with open(os.path.join(CONFIGS, "select.yaml")) as f:
+        return str(yaml.safe_load(f)["selection_rule"])
+
+
 def _normalise_selection(selection: dict | None, inits: dict, source: str) -> dict | None:
     """The plan's ``selection`` section checked: ``pretraining`` (the initialisation whose pre-trained encoder embeds
     the pool; it needs a global stage), ``rules``, ``num_labelled`` (|XL| values) and ``initialisations`` (fine-tuned
@@ -188,7 +194,7 @@ def _normalise_selection(selection: dict | None, inits: dict, source: str) -> di
         raise ValueError(f"{source}: selection.pretraining must name an initialisation with a global stage, got "
                          f"{selection.get('pretraining')!r}.")
     selection["pretraining"] = encoder["name"]
-    selection["rules"] = [str(r) for r in selection.get("rules", ["kcenter"])]
+    selection["rules"] = [str(r) for r in selection.get("rules", [default_selection_rule()])]
     bad = sorted(set(selection["rules"]) - set(SELECTION_RULES))
     selection["num_labelled"] = [int(n) for n in selection.get("num_labelled", [])]
     if bad or not selection["rules"] or not selection["num_labelled"] or min(selection["num_labelled"]) < 1:

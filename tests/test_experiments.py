@@ -339,6 +339,14 @@ def test_bad_selection_sections_are_refused(tmp_path, change, message):
         normalise_plan(plan, experiment_dir=str(tmp_path))
 
 
+def test_a_selection_without_rules_measures_the_bundles_default_rule(tmp_path):
+    with open(os.path.join(PLANS, "smoke.yaml")) as f:
+        plan = {**yaml.safe_load(f), "selection": {"pretraining": "GD_LR", "num_labelled": [1]}}
+    with open(os.path.join(CONFIGS, "select.yaml")) as f:
+        bundle_default = yaml.safe_load(f)["selection_rule"]
+    assert normalise_plan(plan, experiment_dir=str(tmp_path))["selection"]["rules"] == [bundle_default]
+
+
 def test_selection_table_ranks_each_selection_among_the_random_subsets():
     records = fake_records()   # G^D at |XL| = 1: test Dice 0.650, 0.660; validation 0.650, 0.760 (subsets 0, 1)
     chosen = {**[r for r in records if r["label"] == "G^D" and r["num_labelled"] == 1][0], "subset": "kmedoids",
