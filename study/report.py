@@ -295,17 +295,18 @@ def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: 
             cells = [str(loss["iterations"]), f"{loss['first']:.3f}", f"{loss['last']:.3f}"] if loss else ["–"] * 3
             cells.append(s["stop"]["reason"] if s.get("stop") else "–")  # plateau | budget (the stopping rule's report)
             out.append(f"| {s['id']} | " + " | ".join(cells) + f" | {_minutes(sum(s['wall_time_s'].values()))} |")
+    timed = [*stages, *records, *selected]   # every job: pre-trainings, selections, every fine-tuning
     times: dict[str, list[float]] = {}
-    for record in [*stages, *records]:
+    for record in timed:
         for step, seconds in record.get("wall_time_s", {}).items():
             times.setdefault(step, []).append(seconds)
     total = sum(sum(v) for v in times.values())
     machines = sorted({f"{m['node']} ({m['cpus']} CPUs, {m['platform']})" for m in
-                       (r.get("machine") for r in [*stages, *records]) if m})
-    elapsed = _elapsed([*stages, *records])
+                       (r.get("machine") for r in timed) if m})
+    elapsed = _elapsed(timed)
     span = (f" From the first job's start to the last job's end: {_minutes(elapsed)} (less than the total when jobs "
             "ran side by side, more when the runner was paused between starts)." if elapsed else "")
-    out += ["", "## Wall time", "", f"Total {_minutes(total)} over {len(stages) + len(records)} jobs, on "
+    out += ["", "## Wall time", "", f"Total {_minutes(total)} over {len(timed)} jobs, on "
             + "; ".join(machines) + "." + span, "", "| step | runs | mean per run | total |", "|---|---|---|---|"]
     out += [f"| {step} | {len(v)} | {_minutes(np.mean(v))} | {_minutes(sum(v))} |" for step, v in times.items()]
     if protocol:

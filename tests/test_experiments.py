@@ -355,3 +355,5 @@ def test_selection_table_ranks_each_selection_among_the_random_subsets():
     assert "## Which volumes to label first" in text
     assert ("| G^D | \\|XL\\| = 1 | kmedoids | 0.655 | 0.655 [0.650, 0.660] (2) | 2 of 3 | 0.900 | "
             "0.705 [0.650, 0.760] (2) | 1 of 3 |") in text
+    # the fine-tuning on selected volumes counts in the wall time beside the 22 on random subsets and all labels
+    assert f"over {len(records) + 1} jobs" in text and f"| finetune | {len(records) + 1} |" in text
