@@ -33,6 +33,8 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     records = read_ledger(os.path.join(exp, RESULTS))
     selected = [r for r in records if r.get("selection")]   # fine-tunings on selected volumes: their own table
     records = [r for r in records if not r.get("selection")]
+    if selected:
+        _add_chosen_volumes(selected, plan["dataset"]["dataset_dir"])
     if not records:
         raise ValueError(f"{os.path.join(exp, RESULTS)} holds no result on labelled subsets yet.")
     stages = read_ledger(os.path.join(exp, STAGES_FILE))
@@ -87,6 +89,16 @@ def _loss_curves(stages: list[dict], exp: str) -> dict[str, list[tuple[str, str,
                 with open(stop) as f:
                     record["stop"] = json.load(f)
     return curves
+
+
+def _add_chosen_volumes(selected: list[dict], dataset_dir: str) -> None:
+    """Set each selection record's ``chosen``: the names of the volumes its datalist key (``train_key``) holds, in the
+    order the rule chose them (file names without folder and extension); [] when the datalist no longer has it."""
+    with open(os.path.join(dataset_dir, "datalist.json")) as f:
+        datalist = json.load(f)
+    for record in selected:
+        names = [os.path.basename(entry["image"]) for entry in datalist.get(record.get("train_key"), [])]
+        record["chosen"] = [name.split(".nii")[0] for name in names]
 
 
 def example_rows(plan: dict, records: list[dict], exp: str) -> list[dict]:

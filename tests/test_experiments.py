@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from study import report
+from study import folder_report, report
 from study.jobs import build_jobs, format_value
 from study.ledger import append_ledger, check_unchanged, jsonable, read_ledger
 from study.plan import CONFIGS, load_plan, normalise_plan
@@ -350,10 +350,20 @@ def test_a_selection_without_rules_measures_the_bundles_default_rule(tmp_path):
 def test_selection_table_ranks_each_selection_among_the_random_subsets():
     records = fake_records()   # G^D at |XL| = 1: test Dice 0.650, 0.660; validation 0.650, 0.760 (subsets 0, 1)
     chosen = {**[r for r in records if r["label"] == "G^D" and r["num_labelled"] == 1][0], "subset": "kmedoids",
-              "selection": "kmedoids", "mean_dice": 0.655, "val_dice": 0.9}
+              "selection": "kmedoids", "mean_dice": 0.655, "val_dice": 0.9, "chosen": ["patient073", "patient039"]}
     text = report.study_markdown(records, title="fake", selected=[chosen])
     assert "## Which volumes to label first" in text
     assert ("| G^D | \\|XL\\| = 1 | kmedoids | 0.655 | 0.655 [0.650, 0.660] (2) | 2 of 3 | 0.900 | "
             "0.705 [0.650, 0.760] (2) | 1 of 3 |") in text
+    assert "- kmedoids, \\|XL\\| = 1, seed 0: patient073, patient039" in text
     # the fine-tuning on selected volumes counts in the wall time beside the 22 on random subsets and all labels
     assert f"over {len(records) + 1} jobs" in text and f"| finetune | {len(records) + 1} |" in text
+
+
+def test_the_report_names_the_volumes_each_selection_chose(tmp_path):
+    with open(tmp_path / "datalist.json", "w") as f:
+        json.dump({"selected_kcenter_2_seed0": [{"image": "imagesTr/patient073_frame01.nii.gz"},
+                                                {"image": "imagesTr/patient094_frame01.nii.gz"}]}, f)
+    selected = [{"train_key": "selected_kcenter_2_seed0"}, {"train_key": "selected_typical_2_seed0"}]
+    folder_report._add_chosen_volumes(selected, str(tmp_path))
+    assert selected[0]["chosen"] == ["patient073_frame01", "patient094_frame01"] and selected[1]["chosen"] == []
