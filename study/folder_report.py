@@ -94,11 +94,12 @@ def _loss_curves(stages: list[dict], exp: str) -> dict[str, list[tuple[str, str,
 def _add_chosen_volumes(selected: list[dict], dataset_dir: str) -> None:
     """Set each selection record's ``chosen``: the names of the volumes its datalist key (``train_key``) holds, in the
     order the rule chose them (file names without folder and extension); [] when the datalist no longer has it."""
+    from scripts.inference import output_name  # a file's name without folder and extension
+
     with open(os.path.join(dataset_dir, "datalist.json")) as f:
         datalist = json.load(f)
     for record in selected:
-        names = [os.path.basename(entry["image"]) for entry in datalist.get(record.get("train_key"), [])]
-        record["chosen"] = [name.split(".nii")[0] for name in names]
+        record["chosen"] = [output_name(entry["image"]) for entry in datalist.get(record.get("train_key"), [])]
 
 
 def example_rows(plan: dict, records: list[dict], exp: str) -> list[dict]:

@@ -268,11 +268,11 @@ def selection_table(selected: Sequence[dict], records: Sequence[dict]) -> list[s
         test = compare(r.get("mean_dice"), [x.get("mean_dice") for x in random_runs])
         val = compare(r.get("val_dice"), [x.get("val_dice") for x in random_runs])
         out.append(f"| {r['label']} | {_xl(r['num_labelled'])} | {r['selection']} | " + " | ".join(test + val) + " |")
-    chosen = {(r["selection"], r["num_labelled"], r["seed"]): r["chosen"] for r in selected if r.get("chosen")}
-    if chosen:   # the same volumes for every initialisation: one line per rule, |XL| and seed
+    chosen = {(r["num_labelled"], r["selection"], r["seed"]): r["chosen"] for r in selected if r.get("chosen")}
+    if chosen:   # the same volumes for every initialisation: one line per |XL|, rule and seed
         out += ["", "Volumes chosen, in the order chosen:", ""]
         out += [f"- {rule}, {_xl(size)}, seed {seed}: {', '.join(names)}"
-                for (rule, size, seed), names in sorted(chosen.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2]))]
+                for (size, rule, seed), names in sorted(chosen.items())]
     return out
 
 
