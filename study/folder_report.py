@@ -93,11 +93,15 @@ def _loss_curves(stages: list[dict], exp: str) -> dict[str, list[tuple[str, str,
 
 def _add_chosen_volumes(selected: list[dict], dataset_dir: str) -> None:
     """Set each selection record's ``chosen``: the names of the volumes its datalist key (``train_key``) holds, in the
-    order the rule chose them (file names without folder and extension); [] when the datalist no longer has it."""
+    order the rule chose them (file names without folder and extension); [] when the datalist, or its key, is gone
+    (a report from the ledgers alone still works)."""
     from scripts.inference import output_name  # a file's name without folder and extension
 
-    with open(os.path.join(dataset_dir, "datalist.json")) as f:
-        datalist = json.load(f)
+    path = os.path.join(dataset_dir, "datalist.json")
+    datalist = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            datalist = json.load(f)
     for record in selected:
         record["chosen"] = [output_name(entry["image"]) for entry in datalist.get(record.get("train_key"), [])]
 

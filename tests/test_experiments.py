@@ -367,3 +367,5 @@ def test_the_report_names_the_volumes_each_selection_chose(tmp_path):
     selected = [{"train_key": "selected_kcenter_2_seed0"}, {"train_key": "selected_typical_2_seed0"}]
     folder_report._add_chosen_volumes(selected, str(tmp_path))
     assert selected[0]["chosen"] == ["patient073_frame01", "patient094_frame01"] and selected[1]["chosen"] == []
+    folder_report._add_chosen_volumes(selected, str(tmp_path / "deleted"))   # no data folder: no names, no error
+    assert selected[0]["chosen"] == [] and selected[1]["chosen"] == []
