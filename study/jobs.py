@@ -231,6 +231,8 @@ class _JobBuilder:
                      "output_dir": os.path.join(folder, "eval")}
         start = self._start(init, source)
         finetune, evaluate = self.finetune_overrides, self.evaluate_overrides
+        if size is None and chosen is None:   # the all-labels benchmark: its own budget, when the plan gives one
+            finetune = {**finetune, **self.plan["benchmark"]["finetune"]}
         train_overrides = {**run_paths, **finetune, "seed": seed, **selection, **start}
         init_config = {k: init[k] for k in ("global", "local", "pretrain")}
         if init["checkpoint"] is not None:   # only then: the configurations of earlier studies stay the same

@@ -161,12 +161,17 @@ def _normalise_labelled(labelled: dict | None, source: str) -> dict:
 
 def _normalise_benchmark(benchmark: dict | None, names: set, seeds: list, source: str) -> dict | None:
     """The ``benchmark`` section (fine-tuning on every labelled volume) or None: ``initialisations`` (default
-    ["random"]; each among ``names``) and ``seeds`` (default: the plan's)."""
+    ["random"]; each among ``names``), ``seeds`` (default: the plan's) and ``finetune`` (train.yaml overrides merged
+    over ``protocol.finetune`` for these runs only, e.g. a longer budget; default none)."""
     if not benchmark:
         return None
     benchmark = dict(benchmark)
     benchmark["initialisations"] = [str(n) for n in benchmark.get("initialisations", ["random"])]
     benchmark["seeds"] = [int(s) for s in benchmark.get("seeds", seeds)]
+    benchmark["finetune"] = dict(benchmark.get("finetune") or {})
+    reserved = sorted(set(benchmark["finetune"]) & set(RESERVED))
+    if reserved:
+        raise ValueError(f"{source}: benchmark.finetune sets {reserved}, which the runner sets for each job.")
     missing = sorted(set(benchmark["initialisations"]) - names)
     if missing:
         raise ValueError(f"{source}: benchmark names unknown initialisation(s) {missing}.")

@@ -98,12 +98,24 @@ def test_values_survive_the_command_line():
     ({"protocol": {"train": {}}}, "unknown stage"),
     ({"labelled": {}, "benchmark": None}, "nothing to fine-tune"),
     ({"benchmark": {"initialisations": ["nope"]}}, "unknown initialisation"),
+    ({"benchmark": {"finetune": {"train_key": "x"}}}, "the runner sets"),
 ])
 def test_bad_plans_are_refused(tmp_path, change, message):
     with open(os.path.join(PLANS, "smoke.yaml")) as f:
         plan = {**yaml.safe_load(f), **change}
     with pytest.raises(ValueError, match=message):
         normalise_plan(plan, experiment_dir=str(tmp_path))
+
+
+def test_the_benchmark_may_have_its_own_budget(tmp_path):
+    """benchmark.finetune overrides protocol.finetune for the all-labels runs only."""
+    with open(os.path.join(PLANS, "smoke.yaml")) as f:
+        plan = yaml.safe_load(f)
+    plan["benchmark"] = {"initialisations": ["random"], "finetune": {"max_epochs": 7}}
+    jobs = {j.id: j for j in build_jobs(normalise_plan(plan, experiment_dir=str(tmp_path)))}
+    subset_epochs = option(jobs["random-xl1-subset0-seed0"].steps[0][1], "max_epochs")
+    assert option(jobs["random-xlall-seed0"].steps[0][1], "max_epochs") == "7" != subset_epochs
+    assert jobs["random-xlall-seed0"].config["finetune"]["max_epochs"] == 7
 
 
 def test_a_changed_protocol_is_not_resumed(tmp_path):
