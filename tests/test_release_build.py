@@ -72,7 +72,7 @@ def test_make_release_without_data_says_what_to_give():
     assert result.returncode != 0 and "ERROR: give the raw data folder: make release DATA=<folder>" in result.stdout
 
 
-@pytest.mark.parametrize("plan", ["release_in_domain.yaml", "release_transfer.yaml"])
+@pytest.mark.parametrize("plan", ["release_in_domain.yaml", "release_transfer.yaml", "release_transfer_1mm.yaml"])
 def test_the_planned_tables_are_valid_study_plans(plan, tmp_path):
     """docs/release.md's tables 3(a) and 3(b): plans the runner accepts, with at least 3 subsets per |XL|."""
     config = load_plan(os.path.join(ROOT, "docs", "experiments", plan), str(tmp_path))
