@@ -43,8 +43,11 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     written = []
     curves = _loss_curves(stages, exp)
     losses = tables.loss_summary(curves)
+    protocol = dict(plan["protocol"])
+    if plan["benchmark"] and plan["benchmark"]["finetune"]:   # the all-labels runs' own overrides
+        protocol["finetune on labelled_all"] = plan["benchmark"]["finetune"]
     text = tables.study_markdown(records, stages, order, losses=losses, title=plan.get("description") or plan["name"],
-                                 protocol=plan["protocol"], selected=selected)
+                                 protocol=protocol, selected=selected)
     written.append(write_text(os.path.join(output, "results.md"), text))
     written.append(tables.plot_dice_vs_labelled(records, os.path.join(output, "dice_vs_labelled.png"), order))
     if curves:
