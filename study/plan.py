@@ -25,7 +25,7 @@ RESERVED = ("dataset_dir", "model_dir", "output_dir", "raw_dir", "seed", "num_la
 DEFAULT_ESTIMATE = {"prepare": 20, "global": 240, "local": 60, "select": 30, "finetune": 120, "evaluate": 15}
 PLAN_KEYS = {"name", "description", "experiment_dir", "dataset", "protocol", "env", "seeds", "initialisations",
              "labelled", "benchmark", "examples", "estimate", "selection"}
-INIT_KEYS = {"name", "label", "global", "local", "pretrain", "checkpoint"}
+INIT_KEYS = {"name", "label", "global", "local", "pretrain", "checkpoint", "finetune"}
 
 
 def load_plan(path: str, experiment_dir: str | None = None) -> dict:
@@ -122,7 +122,8 @@ def _normalise_initialisations(inits: list, source: str) -> list:
 
 def _normalise_initialisation(init: dict, names: set, source: str) -> None:
     """One initialisation, completed in place: ``name`` (not among ``names``), ``label``, ``global`` / ``local``
-    strategies (null: none), ``checkpoint`` (weights trained elsewhere, absolute) and ``pretrain`` overrides."""
+    strategies (null: none), ``checkpoint`` (weights trained elsewhere, absolute), ``pretrain`` overrides and
+    ``finetune`` overrides (train.yaml, for this initialisation's fine-tunings, e.g. ``pretrained_decoder_blocks``)."""
     name = str(init.get("name", ""))
     if not name or not all(c.isalnum() or c in "_.+-" for c in name) or name in names:
         raise ValueError(f"{source}: initialisation name {name!r} must be unique and made of letters, digits, _.+-")
@@ -132,6 +133,10 @@ def _normalise_initialisation(init: dict, names: set, source: str) -> None:
     init.setdefault("local", None)
     init.setdefault("checkpoint", None)
     init["pretrain"] = dict(init.get("pretrain") or {})
+    init["finetune"] = dict(init.get("finetune") or {})
+    reserved = sorted(set(init["finetune"]) & set(RESERVED))
+    if reserved:
+        raise ValueError(f"{source}: initialisation {name}: finetune sets {reserved}, which the runner sets.")
     if init["checkpoint"] is not None:   # fine-tune from weights trained elsewhere (e.g. a release's)
         if init["global"] is not None:
             raise ValueError(f"{source}: initialisation {name}: give a checkpoint or a global strategy, not both.")

@@ -118,6 +118,22 @@ def test_the_benchmark_may_have_its_own_budget(tmp_path):
     assert jobs["random-xlall-seed0"].config["finetune"]["max_epochs"] == 7
 
 
+def test_an_initialisation_may_have_its_own_fine_tuning_overrides(tmp_path):
+    """initialisations[i].finetune reaches that initialisation's fine-tunings only, over what the runner derives."""
+    with open(os.path.join(PLANS, "smoke.yaml")) as f:
+        plan = yaml.safe_load(f)
+    plan["initialisations"] = [{"name": "random"},
+                               {"name": "encoder", "checkpoint": "a.pt", "finetune": {"pretrained_decoder_blocks": 0}}]
+    jobs = {j.id: j for j in build_jobs(normalise_plan(plan, experiment_dir=str(tmp_path)))}
+    encoder = jobs["encoder-xl1-subset0-seed0"]
+    assert option(encoder.steps[0][1], "pretrained_decoder_blocks") == "0"
+    assert encoder.config["finetune"]["pretrained_decoder_blocks"] == 0
+    assert option(jobs["random-xl1-subset0-seed0"].steps[0][1], "pretrained_decoder_blocks") is None
+    plan["initialisations"][1]["finetune"] = {"pretrained_checkpoint": "b.pt"}
+    with pytest.raises(ValueError, match="which the runner sets"):
+        normalise_plan(plan, experiment_dir=str(tmp_path))
+
+
 def test_a_changed_protocol_is_not_resumed(tmp_path):
     plan, jobs = plan_jobs("smoke.yaml", tmp_path)
     job = jobs["random-xl1-subset0-seed0"]
