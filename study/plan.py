@@ -104,10 +104,15 @@ def _normalise_protocol(protocol: dict | None, source: str) -> dict:
         raise ValueError(f"{source}: protocol has unknown stage(s) {bad}; expected some of {list(STAGES)}.")
     for stage in STAGES:
         protocol[stage] = dict(protocol.get(stage) or {})
-        reserved = sorted(set(protocol[stage]) & set(RESERVED))
-        if reserved:
-            raise ValueError(f"{source}: protocol.{stage} sets {reserved}, which the runner sets for each job.")
+        _refuse_reserved(protocol[stage], f"protocol.{stage}", source)
     return protocol
+
+
+def _refuse_reserved(overrides: dict, where: str, source: str) -> None:
+    """Raises ValueError when ``overrides`` (the plan's section ``where``) sets a key the runner sets per job."""
+    reserved = sorted(set(overrides) & set(RESERVED))
+    if reserved:
+        raise ValueError(f"{source}: {where} sets {reserved}, which the runner sets for each job.")
 
 
 def _normalise_initialisations(inits: list, source: str) -> list:
@@ -134,9 +139,7 @@ def _normalise_initialisation(init: dict, names: set, source: str) -> None:
     init.setdefault("checkpoint", None)
     init["pretrain"] = dict(init.get("pretrain") or {})
     init["finetune"] = dict(init.get("finetune") or {})
-    reserved = sorted(set(init["finetune"]) & set(RESERVED))
-    if reserved:
-        raise ValueError(f"{source}: initialisation {name}: finetune sets {reserved}, which the runner sets.")
+    _refuse_reserved(init["finetune"], f"initialisation {name}: finetune", source)
     if init["checkpoint"] is not None:   # fine-tune from weights trained elsewhere (e.g. a release's)
         if init["global"] is not None:
             raise ValueError(f"{source}: initialisation {name}: give a checkpoint or a global strategy, not both.")
@@ -174,9 +177,7 @@ def _normalise_benchmark(benchmark: dict | None, names: set, seeds: list, source
     benchmark["initialisations"] = [str(n) for n in benchmark.get("initialisations", ["random"])]
     benchmark["seeds"] = [int(s) for s in benchmark.get("seeds", seeds)]
     benchmark["finetune"] = dict(benchmark.get("finetune") or {})
-    reserved = sorted(set(benchmark["finetune"]) & set(RESERVED))
-    if reserved:
-        raise ValueError(f"{source}: benchmark.finetune sets {reserved}, which the runner sets for each job.")
+    _refuse_reserved(benchmark["finetune"], "benchmark.finetune", source)
     missing = sorted(set(benchmark["initialisations"]) - names)
     if missing:
         raise ValueError(f"{source}: benchmark names unknown initialisation(s) {missing}.")
