@@ -233,7 +233,8 @@ class _JobBuilder:
         finetune, evaluate = self.finetune_overrides, self.evaluate_overrides
         if size is None and chosen is None:   # the all-labels benchmark: its own budget, when the plan gives one
             finetune = {**finetune, **self.plan["benchmark"]["finetune"]}
-        finetune = {**finetune, **init["finetune"]}   # this initialisation's own overrides (usually none)
+        finetune = {**finetune, **init["finetune"]}   # this initialisation's own overrides (usually none), recorded
+        # in the job's config; given again after ``start`` so that they also win over what the runner derives there
         train_overrides = {**run_paths, **finetune, "seed": seed, **selection, **start, **init["finetune"]}
         init_config = {k: init[k] for k in ("global", "local", "pretrain")}
         if init["checkpoint"] is not None:   # only then: the configurations of earlier studies stay the same
