@@ -94,17 +94,20 @@ bundle: venv
 # options: PREPARE_OPTIONS, a YAML mapping), pre-train until each stage has converged, fine-tune model.pt on every
 # labelled training volume for FINETUNE_EPOCHS x 50 steps (default: docs/experiments/release.yaml), evaluate it on the
 # test split, pack into DIST (default RELEASE_DIR/dist). QUICK=1: tiny budgets, the archive marked not for use;
-# ALLOW_UNCONVERGED=1: release a stage that stopped on its budget (the model card says so)
+# ALLOW_UNCONVERGED=1: release a stage that stopped on its budget (the model card says so); INSTALL=1: also make it the
+# repository's release (bundle/models/ and bundle/large_files.yml, to be committed)
 DATA ?=
 PREPARE ?= prepare_acdc
 PREPARE_OPTIONS ?=
 QUICK ?=
 ALLOW_UNCONVERGED ?=
+INSTALL ?=
 FINETUNE_EPOCHS ?=
 RELEASE_DIR ?=
 DIST ?=
 RELEASE_ARGS = --prepare "$(PREPARE)" $(if $(strip $(PREPARE_OPTIONS)),--prepare_options "$(PREPARE_OPTIONS)") \
                $(if $(strip $(QUICK)),--quick) $(if $(strip $(ALLOW_UNCONVERGED)),--allow_unconverged) \
+               $(if $(strip $(INSTALL)),--install) \
                $(if $(strip $(FINETUNE_EPOCHS)),--finetune_epochs $(FINETUNE_EPOCHS)) \
                $(if $(strip $(RELEASE_DIR)),--release_dir "$(RELEASE_DIR)") $(if $(strip $(DIST)),--dist "$(DIST)")
 .PHONY: release

@@ -33,18 +33,20 @@ import os
 import shlex
 import sys
 
+import numpy as np
 import yaml
 
 from scripts.checkpoints import atomic_copy, atomic_write_text
 from study.jobs import Job, build_jobs
 from study.ledger import done_records
 from study.plan import normalise_plan
-from study.release import ROOT, ReleaseError, pack
+from study.release import ROOT, ReleaseError
+from study.release import install as install_release
+from study.release import pack
 from study.scheduler import run as run_study
 
 PLAN = os.path.join(ROOT, "docs", "experiments", "release.yaml")
 NOT_FOR_USE = "_NOT_FOR_USE"
-QUIET_FRACTION = 0.25   # the last quarter of the fine-tuning budget must not raise the best validation Dice
 # what the model card says about the data of an adapter when DATASET / DATA_LICENCE are not given
 KNOWN_DATA = {
     "prepare_acdc": ("ACDC, the Automated Cardiac Diagnosis Challenge (Bernard et al., IEEE TMI 2018, "
@@ -70,6 +72,7 @@ def release_plan(data: str, prepare: str = "prepare_acdc", quick: bool = False, 
     with open(plan_file) as f:
         plan = yaml.safe_load(f)
     quick_section = plan.pop("quick", {})
+    checks = plan.pop("release_checks")
     if quick:
         plan = _merge(plan, quick_section)
     if not os.path.isdir(data):
@@ -79,7 +82,7 @@ def release_plan(data: str, prepare: str = "prepare_acdc", quick: bool = False, 
     if finetune_epochs is not None:
         plan["protocol"]["finetune"]["max_epochs"] = int(finetune_epochs)
     plan["experiment_dir"] = os.path.abspath(release_dir or os.path.join(ROOT, plan["experiment_dir"]))
-    return normalise_plan(plan, source=plan_file)
+    return {**normalise_plan(plan, source=plan_file), "release_checks": checks}
 
 
 def stage_jobs(plan: dict) -> dict[str, Job]:
@@ -102,26 +105,56 @@ def stop_reports(plan: dict) -> dict[str, dict]:
     return reports
 
 
+def trend_check(values, window: float, max_rise: float, min_t: float) -> dict:
+    """Whether a fine-tuning's validation Dice has stopped rising, judged on its trend, not on its noisiest point.
+
+    A straight line is fitted by least squares to the last ``window`` fraction of ``values`` (validation Dice per
+    epoch, shape (E,), E >= 4). The run is still rising when the slope is significantly positive (its t statistic,
+    slope over its standard error, at least ``min_t``) and the line would add at least ``max_rise`` Dice over another
+    quarter of the epochs; otherwise it has converged. On two validation volumes the per-epoch Dice swings by several
+    hundredths, so the epoch of the single best value says little; the trend says whether more steps would help.
+
+    Returns {"epochs", "best_epoch", "best_dice", "window_epochs", "slope" (Dice per epoch), "t", "rise" (Dice the
+    line adds over E / 4 more epochs), "converged", "explanation"}.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    epochs = len(values)
+    if epochs < 4:
+        raise ReleaseError(f"the fine-tuning validated {epochs} times: at least 4 are needed to judge its trend.")
+    n = max(3, int(round(epochs * window)))
+    x, y = np.arange(epochs - n, epochs, dtype=np.float64), values[-n:]
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    spread = np.sqrt((residual @ residual) / (n - 2) / ((x - x.mean()) @ (x - x.mean())))
+    t = float(slope / spread) if spread > 0 else (float("inf") if slope > 0 else 0.0)
+    rise = float(slope * epochs / 4)
+    converged = not (t >= min_t and rise >= max_rise)
+    explanation = (f"over the last {n} of {epochs} validations the Dice trend is {slope:+.5f} per epoch (t = {t:.2f}; "
+                   f"{rise:+.4f} over another {epochs / 4:g} epochs): "
+                   + ("no significant rise" if converged else "still rising") +
+                   f" (rule: still rising when t >= {min_t:g} and the rise >= {max_rise:g})")
+    return {"epochs": epochs, "best_epoch": int(values.argmax()) + 1, "best_dice": float(values.max()),
+            "window_epochs": n, "slope": float(slope), "t": t, "rise": rise, "converged": converged,
+            "explanation": explanation}
+
+
 def finetune_report(plan: dict, record: dict) -> dict:
-    """Where the shipped model's fine-tuning reached its best validation Dice, against its budget: {"epochs",
-    "best_epoch", "best_dice", "converged" (the best came before the last ``QUIET_FRACTION`` of the budget)}."""
+    """``trend_check`` of the shipped model's fine-tuning (its validation Dice per epoch, from its TensorBoard log),
+    with the plan's ``release_checks``."""
     from scripts.report import read_scalars
     from study.report import VALIDATION_TAG
 
     _, values = read_scalars(os.path.join(plan["experiment_dir"], record["output_dir"]), VALIDATION_TAG)
-    epochs, best = len(values), int(values.argmax()) + 1   # the first epoch at the best: later ties don't count
-    return {"epochs": epochs, "best_epoch": best, "best_dice": float(values.max()),
-            "converged": best <= epochs * (1 - QUIET_FRACTION)}
+    return trend_check(values, **plan["release_checks"])
 
 
 def unconverged(reports: dict[str, dict], finetuning: dict | None = None) -> list[str]:
     """One line per step that did not converge: a pre-training stage whose report does not say ``converged: true``
-    (it stopped on its budget, or the rule could not judge), the fine-tuning when its last quarter still improved."""
+    (it stopped on its budget, or the rule could not judge), the fine-tuning when its validation Dice still rises."""
     lines = [f"pre-training stage {stage} stopped by '{r['reason']}' at iteration {r['iteration']} with converged = "
              f"{r['converged']} ({r['explanation']})" for stage, r in reports.items() if r["converged"] is not True]
     if finetuning is not None and not finetuning["converged"]:
-        lines.append(f"fine-tuning: best validation Dice {finetuning['best_dice']:.3f} at epoch "
-                     f"{finetuning['best_epoch']} of {finetuning['epochs']}, within the last quarter of its budget")
+        lines.append(f"fine-tuning: {finetuning['explanation']}")
     return lines
 
 
@@ -173,20 +206,28 @@ def model_card(plan: dict, reports: dict, finetuning: dict, record: dict, lines:
         f"{finetune.get('iterations_per_epoch', 50)} steps; the best validation Dice, "
         f"{finetuning['best_dice']:.3f}, came at epoch {finetuning['best_epoch']} and selected the shipped weights.",
         "",
+        "How each check decided: each pre-training stage by its plateau rule (the table's `converged` and "
+        "explanation); the fine-tuning by the trend of its validation Dice (`release_checks` of "
+        f"docs/experiments/release.yaml): {finetuning['explanation']}; "
+        + ("converged." if finetuning["converged"] else "not converged."), "",
         f"**Test Dice of the shipped `models/model.pt`**: {record['mean_dice']:.3f} (mean over "
         f"{len(record['volumes'])} held-out test volumes of each volume's mean foreground Dice, 3D, on the native "
         f"grid; per class: {classes}). `configs/metadata.json` holds the same value in `eval_metrics`.", "",
-        "What these weights are worth against random initialisation, in-domain and in transfer to another organ, is "
-        "planned in the repository's docs/release.md (tables 3(a) and 3(b)).", "",
+        "What these weights are worth against random initialisation, in-domain and in transfer to another organ: the "
+        "repository's docs/release.md.", "",
     ])
 
 
 def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_unconverged: bool = False,
           finetune_epochs: int | None = None, release_dir: str | None = None, dist: str | None = None,
           url: str | None = None, dataset: str | None = None, data_licence: str | None = None,
-          prepare_options: dict | None = None, echo: bool = True) -> dict:
+          prepare_options: dict | None = None, echo: bool = True, install: bool = False) -> dict:
     """Run the release chain (module docstring); returns ``pack``'s written paths. ``ReleaseError`` on bad input,
-    a failed step (its log named) or a step that did not converge (unless ``allow_unconverged``)."""
+    a failed step (its log named) or a step that did not converge (unless ``allow_unconverged``). ``install``: also
+    make it the repository's release (``study.release.install``: bundle/models, large_files.yml); refused for
+    ``quick``."""
+    if install and quick:
+        raise ReleaseError("a quick release is not for use: it is never installed into bundle/models (drop INSTALL).")
     if (dataset is None or data_licence is None) and prepare not in KNOWN_DATA:
         raise ReleaseError(f"say what {prepare} prepares and under which licence: DATASET=... DATA_LICENCE=... "
                            "(they go into the model card).")
@@ -194,7 +235,8 @@ def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_u
     exp = plan["experiment_dir"]
     os.makedirs(exp, exist_ok=True)
     plan_file = os.path.join(exp, "release_plan.yaml")
-    atomic_write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), plan_file)
+    runner_plan = {key: value for key, value in plan.items() if key != "release_checks"}   # the runner's keys only
+    atomic_write_text(yaml.safe_dump(runner_plan, sort_keys=False, allow_unicode=True), plan_file)
     if run_study(plan_file, echo=echo, kinds=("prepare", "global", "local")):
         raise ReleaseError(f"pre-training did not finish: see the logs under {exp} and run the same command again.")
     reports = stop_reports(plan)
@@ -224,10 +266,12 @@ def build(data: str, prepare: str = "prepare_acdc", quick: bool = False, allow_u
     metadata = {"eval_metrics": {metric: record["mean_dice"]}, "data_source": dataset}
     if quick:
         metadata["intended_use"] = "NOT FOR USE: a quick test release of the release machinery (make release QUICK=1)"
+    card = model_card(plan, reports, finetuning, record, lines, quick)
     written = pack(url=url, models_dir=models, dist_dir=dist or os.path.join(exp, "dist"), commands=commands,
-                   dataset=dataset, data_licence=data_licence or known[1],
-                   card=model_card(plan, reports, finetuning, record, lines, quick), metadata=metadata,
+                   dataset=dataset, data_licence=data_licence or known[1], card=card, metadata=metadata,
                    tag=NOT_FOR_USE if quick else "")
+    if install:
+        written["installed"] = install_release(models, dataset, data_licence or known[1], card, metadata)
     print(f"test Dice of the shipped model.pt: {record['mean_dice']:.4f} ({metric})")
     return written
 
@@ -246,6 +290,8 @@ def main() -> None:
     parser.add_argument("--release_dir", help="the experiment folder (RELEASE_DIR; default runs/release or "
                         "runs/release_quick)")
     parser.add_argument("--dist", help="where the archive and weights go (DIST; default <release_dir>/dist)")
+    parser.add_argument("--install", action="store_true", help="also copy the release into bundle/models and write "
+                        "bundle/large_files.yml, to be committed (INSTALL)")
     parser.add_argument("--url", help="URL prefix of the weight files (RELEASE_URL)")
     parser.add_argument("--dataset", help="what the data is, for the model card (DATASET)")
     parser.add_argument("--data_licence", help="the data's licence, for the model card (DATA_LICENCE)")
@@ -256,7 +302,7 @@ def main() -> None:
     except (ReleaseError, ValueError, FileNotFoundError, RuntimeError) as error:   # RuntimeError: a runner is busy
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)
-    for path in [written["archive"], written["large_files"], *written["weights"]]:
+    for path in [written["archive"], written["large_files"], *written["weights"], *written.get("installed", [])]:
         print(path)
 
 

@@ -105,8 +105,8 @@ def check(device: torch.device, iterations: int, image_size: int, amp: bool, tin
     spacing = PAPER_SPACING.get(image_size, 192.0 / image_size)   # else the default 192 mm field of view
     bundle_run("prepare_synthetic", config_file=[os.path.join(CONFIGS, f) for f in ("train.yaml", "prepare.yaml")],
                **paths, image_size=image_size, spacing=spacing, **{
-                   "synthetic#num_patients": 8, "synthetic#num_validation": 1, "synthetic#num_test": 2,
-                   "synthetic#subset_sizes": [2], "synthetic#num_subsets": [1]})
+                   "synthetic#num_patients": 8, "synthetic#split#num_validation": 1, "synthetic#split#num_test": 2,
+                   "synthetic#split#subset_sizes": [2], "synthetic#split#num_subsets": [1]})
     common = {**paths, **(TINY if tiny else {}), "device": device, "amp": amp}
     epoch = max(1, iterations // 5)
     set_determinism(seed=0)

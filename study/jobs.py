@@ -265,6 +265,7 @@ class _JobBuilder:
         overrides = {**self.paths, **protocol["common"], **protocol["select"],
                      "model_dir": os.path.join(folder, "models"), "output_dir": os.path.join(folder, "eval"),
                      "seed": seed, "num_labelled": size, "selection_rule": rule, "selection_key": key,
+                     "selection_pool": "labelled_all",   # a study fine-tunes on what it chose: labelled volumes
                      "pretrained_checkpoint": os.path.join(self.exp, encoder.info["checkpoint"])}
         return Job(jid, "select", folder,
                    [("select", bundle_command("select", ["train.yaml", "select.yaml"], overrides))],

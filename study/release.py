@@ -37,8 +37,11 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_DIR = os.path.join(ROOT, "bundle")
 NAME = "cardiac_mri_contrastive_segmentation"   # the bundle's folder name in the archive and after download
-# placeholder prefix (the model card explains it): where the weight files of this version are uploaded
-DEFAULT_URL = "https://github.com/OWNER/REPOSITORY/releases/download/v{version}"
+# where the committed weights of a version are downloaded from: the repository's raw files at the version's tag
+# (``repository_url``: the git remote ``origin``; this placeholder where there is none)
+PLACEHOLDER_REPOSITORY = "https://github.com/OWNER/REPOSITORY"
+WEIGHTS_URL = "{repository}/raw/v{version}/bundle/models"
+RELEASE_RECORD = "release.json"   # beside the committed weights: dataset, licence, metadata entries, card section
 SHIPPED = ("LICENSE", "configs", "scripts", "docs")   # files and folders of the bundle that go into the archive
 SKIPPED_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".tmp", "~")
@@ -69,6 +72,23 @@ class ReleaseError(ValueError):
 
 
 # ---------------------------------------------------------------- pieces
+def repository_url(root: str = ROOT) -> str | None:
+    """The web address of the repository's git remote ``origin`` (``git@host:owner/name.git`` and
+    ``https://host/owner/name.git`` both give ``https://host/owner/name``), or None without one."""
+    try:
+        remote = subprocess.run(["git", "remote", "get-url", "origin"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.match(r"^(?:git@([^:]+):|https?://(?:[^@/]+@)?([^/]+)/)(.+?)(?:\.git)?/?$", remote)
+    return f"https://{match.group(1) or match.group(2)}/{match.group(3)}" if match else None
+
+
+def default_url(version: str, root: str = ROOT) -> str:
+    """``WEIGHTS_URL`` for ``version``: the committed weights as the repository serves them at tag v<version>."""
+    return WEIGHTS_URL.format(repository=repository_url(root) or PLACEHOLDER_REPOSITORY, version=version)
+
+
 def sha256(path: str) -> str:
     """Hex sha256 of the file at ``path`` (the bundle's ``file_hash``, which the training states record too)."""
     from scripts.checkpoints import file_hash
@@ -217,16 +237,17 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     """Write ``<dist_dir>/<name>_v<version>.zip``, the weight files and ``large_files.yml``; returns their paths.
 
     Args:
-        url: URL prefix the weight files will be downloadable under (``{version}`` is filled in); default: the
-            placeholder ``DEFAULT_URL``.
+        url: URL prefix the weight files will be downloadable under (``{version}`` is filled in); default:
+            ``default_url`` (the committed weights in the repository at tag v<version>).
         name: the bundle's folder name (the archive's top folder).
         bundle_dir: the bundle folder (its ``configs/metadata.json`` gives the version).
         models_dir: where the weights are (default: ``<bundle_dir>/models``).
         dist_dir: output folder; weight files and ``large_files.yml`` of an earlier pack there are replaced.
         commands: a file with the commands that wrote the weights (default: ``<models_dir>/commands.log``, which
             ``make demo`` writes).
-        dataset, data_licence: what the weights were trained on and its licence, for the model card; required
-            unless the recorded commands prepared the embedded synthetic data (``prepare_synthetic``).
+        dataset, data_licence: what the weights were trained on and its licence, for the model card; default: those
+            of ``release.json`` beside the weights (``install``), else required unless the recorded commands
+            prepared the embedded synthetic data (``prepare_synthetic``).
         card: markdown appended to the archive's model card after the weights' provenance (``make release``: how
             each stage stopped and the shipped model's test Dice).
         metadata: entries replacing those of the archive's ``configs/metadata.json`` (``make release``:
@@ -235,6 +256,12 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     """
     models_dir = models_dir or os.path.join(bundle_dir, "models")
     version = read_metadata(bundle_dir)["version"]
+    record = os.path.join(models_dir, RELEASE_RECORD)
+    if os.path.isfile(record) and dataset is None and data_licence is None:   # the committed release (install)
+        with open(record) as f:
+            stored = json.load(f)
+        dataset, data_licence = stored["dataset"], stored["data_licence"]
+        card, metadata = card or stored["card"], {**stored["metadata"], **(metadata or {})}
     weights = weight_files(models_dir)
     contract = weights_contract(weights)
     commands = commands or os.path.join(models_dir, COMMANDS_LOG)
@@ -251,7 +278,7 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     os.makedirs(dist_dir, exist_ok=True)
     shipped = ship_weights(weights, dist_dir)   # the copies, written atomically, are what the listing hashes
-    entries = large_files(shipped, (url or DEFAULT_URL).format(version=version))
+    entries = large_files(shipped, url.format(version=version) if url else default_url(version))
     listing = yaml.safe_dump({"large_files": entries}, sort_keys=False)
     archive_path = os.path.join(dist_dir, f"{name}_v{version}{tag}.zip")
     tmp = archive_path + ".tmp"
@@ -274,9 +301,33 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     atomic_write_text(listing, written["large_files"])
     if recorded is None:
         print(f"warning: {commands} not found: the model card says the commands were not recorded", file=sys.stderr)
-    if url is None:
-        print(f"note: the URLs use the placeholder prefix {DEFAULT_URL}: give the real one with "
-              "`make bundle RELEASE_URL=...` before publishing", file=sys.stderr)
+    if url is None and repository_url() is None:
+        print(f"note: no git remote 'origin': the URLs use the placeholder {PLACEHOLDER_REPOSITORY}; give the real "
+              "prefix with `make bundle RELEASE_URL=...` before publishing", file=sys.stderr)
+    return written
+
+
+def install(models_dir: str, dataset: str, data_licence: str, card: str, metadata: dict,
+            bundle_dir: str = BUNDLE_DIR) -> list[str]:
+    """Make the release in ``models_dir`` the repository's own: its weight files and ``commands.log`` copied into
+    ``<bundle_dir>/models`` (atomically), ``release.json`` beside them (dataset, licence, the metadata entries and
+    model-card section that ``pack`` then uses) and ``<bundle_dir>/large_files.yml`` (each file's sha256 and its URL
+    in the repository, ``default_url``). Returns the written paths: what a maintainer commits."""
+    from scripts.checkpoints import atomic_copy, atomic_write_json, atomic_write_text
+
+    target = os.path.join(bundle_dir, "models")
+    os.makedirs(target, exist_ok=True)
+    weights = weight_files(models_dir)
+    weights_contract(weights)   # one data contract for all of them
+    installed = {rel: atomic_copy(path, os.path.join(target, os.path.basename(rel))) for rel, path in weights.items()}
+    written = list(installed.values())
+    if os.path.isfile(os.path.join(models_dir, COMMANDS_LOG)):
+        written.append(atomic_copy(os.path.join(models_dir, COMMANDS_LOG), os.path.join(target, COMMANDS_LOG)))
+    written.append(atomic_write_json({"dataset": dataset, "data_licence": data_licence, "metadata": metadata,
+                                      "card": card}, os.path.join(target, RELEASE_RECORD)))
+    listing = large_files(installed, default_url(read_metadata(bundle_dir)["version"]))
+    written.append(atomic_write_text(yaml.safe_dump({"large_files": listing}, sort_keys=False),
+                                     os.path.join(bundle_dir, "large_files.yml")))
     return written
 
 

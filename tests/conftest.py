@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent   # the repository
 BUNDLE = ROOT / "bundle"
@@ -79,8 +80,8 @@ def prepare(work: Path) -> list[str]:
     1 test) in ``work/data``; returns the ``--dataset_dir`` arguments."""
     data = work / "data"
     run(work, "run", "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"), "--dataset_dir",
-        data, "--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
-        "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]", "--cache_workers", "0")
+        data, "--synthetic#num_patients", "6", "--synthetic#split",
+        "{num_validation: 1, num_test: 1, subset_sizes: [1,2], num_subsets: [1,1]}", "--cache_workers", "0")
     return ["--dataset_dir", str(data)]
 
 
@@ -103,3 +104,22 @@ def write_nifti(path, array, affine=None, spacing=None) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64)), str(path))
     return str(path)
+
+
+RELEASE_FILES = ("model.pt", "pretrained_global.pt", "pretrained_local.pt", "commands.log", "release.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def release_untouched():
+    """The committed release in bundle/models is never written by a test: its files' sha256 after the session equal
+    those before (a test that wrote there fails the session at teardown)."""
+    from scripts.checkpoints import file_hash
+
+    def hashes():
+        return {name: file_hash(str(BUNDLE / "models" / name)) if (BUNDLE / "models" / name).is_file() else None
+                for name in RELEASE_FILES}
+
+    before = hashes()
+    yield
+    changed = [name for name, value in hashes().items() if value != before[name]]
+    assert not changed, f"a test wrote the committed release files {changed} in {BUNDLE / 'models'}"

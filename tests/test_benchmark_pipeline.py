@@ -11,8 +11,8 @@ from study import benchmark, pipeline_bench
 TINY = {**TINY_NETWORK, "num_workers": 0,
         "global#volumes_per_batch": 2, "local#volumes_per_batch": 2, "global#hidden_features": 16,
         "global#embedding_features": 8, "pretrain_epoch_length": 2, "batch_size": 4, "iterations_per_epoch": 2}
-TINY_DATA = ["--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
-             "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]"]
+TINY_DATA = ["--synthetic#num_patients", "6", "--synthetic#split",
+             "{num_validation: 1, num_test: 1, subset_sizes: [1,2], num_subsets: [1,1]}"]
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,8 @@ def trained(tmp_path_factory):
     paths = ["--dataset_dir", str(work / "data"), "--model_dir", str(work / "models"),
              "--output_dir", str(work / "eval")]
     ok(work, "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"), *paths, "--image_size", "32",
-       "--spacing", "6.0", "--synthetic#num_patients", "5", "--synthetic#num_validation", "1", "--synthetic#num_test",
-       "1", "--synthetic#subset_sizes", "[1]", "--synthetic#num_subsets", "[1]")
+       "--spacing", "6.0", "--synthetic#num_patients", "5", "--synthetic#split",
+        "{num_validation: 1, num_test: 1, subset_sizes: [1], num_subsets: [1]}")
     ok(work, "--config_file", config("train.yaml"), *paths, *TINY, "--use_pretrained", "False", "--max_epochs", "1",
        "--iterations_per_epoch", "2", "--batch_size", "4", "--num_labelled", "1")
     images = sorted((work / "data").glob("patient*/patient*_frame01.nii.gz"))

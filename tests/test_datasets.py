@@ -171,12 +171,13 @@ def test_folder_pairs_by_wildcard_text_and_groups_patients(tmp_path):
         _nii(tmp_path / "cases" / name / "image.nii.gz", image)
         _nii(tmp_path / "cases" / name / "mask.nii.gz", label)
     _nii(tmp_path / "cases" / "z" / "image.nii.gz", image)  # no mask
-    raw = folder(str(tmp_path / "cases"), "*/image.nii.gz", "*/mask.nii.gz")
+    raw = folder(str(tmp_path / "cases"), "*/image.nii.gz", "*/mask.nii.gz", allow_unlabelled=False)
     assert [c["patient"] for c in raw.cases] == ["x", "y"]
     assert raw.problems == [(str(tmp_path / "cases" / "z" / "image.nii.gz"),
                              "no label matching '*/mask.nii.gz' for case id 'z'")]
-    assert [c["patient"] for c in folder(str(tmp_path / "cases"), "*/image.nii.gz", "*/mask.nii.gz",
-                                         allow_unlabelled=True).cases] == ["x", "y", "z"]
+    default = folder(str(tmp_path / "cases"), "*/image.nii.gz", "*/mask.nii.gz")   # unlabelled: pre-training only
+    assert [c["patient"] for c in default.cases] == ["x", "y", "z"] and not default.problems
+    assert "label" not in default.cases[2]
 
 
 # ---------------------------------------------------------------- bad input: one test per case
@@ -372,7 +373,8 @@ def test_unlabelled_volumes_only_pretrain(tmp_path):
     held_out = {c["patient"] for c in datalist["validation"] + datalist["test"]}
     pretrain = {c["image"] for c in datalist["pretrain"]}
     assert "/d/extra.nii.gz" in pretrain and not any(f"/d/{p}_4d.nii.gz" in pretrain for p in held_out)
-    assert all("label" in c for k, v in datalist.items() if k != "pretrain" for c in v)
+    assert all("label" in c for k, v in datalist.items() if k not in ("pretrain", "unlabelled") for c in v)
+    assert {c["image"] for c in datalist["unlabelled"]} == pretrain - {c["image"] for c in datalist["labelled_all"]}
     assert len(datalist["labelled_all"]) == 6
 
 

@@ -330,8 +330,8 @@ def run_release_path(work, dist, url):
         bundle, "run", "prepare_folder", "--config_file", "['configs/train.yaml','configs/prepare.yaml']",
         "--raw_dir", str(raw), "--dataset_dir", str(mine),
         "--folder#labels", "['background','blood pool','myocardium']",
-        "--split#num_validation", "1", "--split#num_test", "1", "--split#subset_sizes", "[1]",
-        "--split#num_subsets", "[1]", "--cache_workers", "0")
+        "--folder#split", "{num_validation: 1, num_test: 1, subset_sizes: [1], num_subsets: [1]}",
+        "--cache_workers", "0")
     out["train"] = monai_bundle(
         bundle, "run", "--config_file", "configs/train.yaml", "--dataset_dir", str(mine), "--transfer", "True",
         "--num_labelled", "1", "--model_dir", str(mine / "models"), "--output_dir", str(mine / "eval"),

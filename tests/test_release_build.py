@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import yaml
 
@@ -43,9 +44,25 @@ def test_a_stage_that_did_not_converge_is_refused_unless_allowed():
         with pytest.raises(release.ReleaseError, match=r"(?s)stage local stopped by 'budget'.*ALLOW_UNCONVERGED=1"):
             build_release.check_converged(reports, None, allow=False)
         assert len(build_release.check_converged(reports, None, allow=True)) == 1
-    late = {"epochs": 60, "best_epoch": 50, "best_dice": 0.8, "converged": False}
-    with pytest.raises(release.ReleaseError, match="fine-tuning: best validation Dice 0.800 at epoch 50 of 60"):
-        build_release.check_converged(converged, late, allow=False)
+    rising = build_release.trend_check(np.linspace(0.5, 0.8, 60), window=0.5, min_t=2.0, max_rise=0.01)
+    assert not rising["converged"] and rising["best_epoch"] == 60
+    with pytest.raises(release.ReleaseError, match=r"fine-tuning: over the last 30 of 60 validations .* still rising"):
+        build_release.check_converged(converged, rising, allow=False)
+
+
+def test_the_fine_tuning_check_judges_the_trend_not_the_noisiest_epoch():
+    """Two validation volumes: Dice swings 0.78-0.88 around a plateau, its best value falling on the last epoch,
+    which the old rule (best epoch in the last quarter) refused; the trend rule passes it, and refuses a slow rise
+    hidden under the same noise."""
+    noise = np.random.default_rng(0).uniform(-0.05, 0.05, 60)
+    plateau = 0.83 + noise
+    plateau[-1] = 0.885
+    flat = build_release.trend_check(plateau, window=0.5, min_t=2.0, max_rise=0.01)
+    assert flat["converged"] and flat["best_epoch"] == 60 and "no significant rise" in flat["explanation"]
+    slow_rise = 0.6 + np.linspace(0, 0.25, 60) + noise
+    assert not build_release.trend_check(slow_rise, window=0.5, min_t=2.0, max_rise=0.01)["converged"]
+    with pytest.raises(release.ReleaseError, match="at least 4"):
+        build_release.trend_check([0.5, 0.6, 0.7], window=0.5, min_t=2.0, max_rise=0.01)
 
 
 def test_release_plan_quick_budgets_and_its_commands(tmp_path):

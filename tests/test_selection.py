@@ -158,8 +158,9 @@ def selected(tmp_path_factory):
     paths = br.paths(work, "run")
     br.run(work, "run", "pretrain", "--config_file", br.config("train.yaml", "pretrain.yaml"), *data, *paths,
            *br.TINY, *br.PRETRAIN)
+    # the synthetic volumes all have labels: choose among them (the pool a study uses) to fine-tune on the choice
     result = br.run(work, "run", "select", "--config_file", br.config("train.yaml", "select.yaml"), *data, *paths,
-                    *br.TINY, "--num_labelled", "2")
+                    *br.TINY, "--num_labelled", "2", "--selection_pool", "labelled_all")
     return work, data, paths, result.stdout + result.stderr
 
 
@@ -194,7 +195,8 @@ def parsed_selection(work, data, paths, **overrides):
     parser.read_config([os.path.join(br.CONFIGS, "train.yaml"), os.path.join(br.CONFIGS, "select.yaml")])
     words = [*data, *paths, *br.TINY]
     parser.update({key.lstrip("-"): value for key, value in zip(words[::2], words[1::2])})
-    parser.update({"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4], **overrides})
+    parser.update({"encoder_channels": [4, 8, 8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 4],
+                   "selection_pool": "labelled_all", **overrides})
     return parser
 
 

@@ -33,9 +33,8 @@ def workspace(tmp_path_factory):
              "--output_dir", str(work / "eval")]
     logs = {}
     logs["prepare"] = bundle(work, "run", "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"),
-                             *paths, "--synthetic#num_patients", "6", "--synthetic#num_validation", "1",
-                             "--synthetic#num_test", "1", "--synthetic#subset_sizes", "[1,2]",
-                             "--synthetic#num_subsets", "[1,1]")
+                             *paths, "--synthetic#num_patients", "6", "--synthetic#split",
+                             "{num_validation: 1, num_test: 1, subset_sizes: [1,2], num_subsets: [1,1]}")
     logs["pretrain"] = bundle(work, "run", "pretrain", "--config_file", config("train.yaml", "pretrain.yaml"), *paths,
                               *TINY, "--global#max_iterations", "4", "--local#max_iterations", "4",
                               "--pretrain_epoch_length", "2", "--global#volumes_per_batch", "2",

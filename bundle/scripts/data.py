@@ -5,6 +5,7 @@ the file's folder, with these keys:
 
 - ``pretrain``: images of the training pool, used without labels for pre-training.
 - ``labelled_all``: the whole training pool with labels (the fully supervised benchmark).
+- ``unlabelled``: the training pool's images without a label (what ``select`` chooses from by default).
 - ``labelled_<n>_<i>``: the i-th labelled subset of n volumes (|XL| = n), drawn from the training pool.
 - ``validation``: model selection during fine-tuning.
 - ``test``: held-out evaluation, never used for selection.
@@ -26,7 +27,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from copy import deepcopy
 
 import numpy as np
@@ -52,41 +53,58 @@ def split_patients(
     subset_sizes: Sequence[int] = (1, 2, 8),
     num_subsets: Sequence[int] = (5, 5, 3),
     seed: int = 0,
+    keep: Mapping[str, str] | None = None,
 ) -> dict[str, list[dict]]:
     """Seeded patient-level split of ``cases`` (dicts with "image", "patient" and, when labelled, "label").
 
-    Validation and test patients are drawn first, among the patients with labels; the rest form the training pool.
-    Labelled subsets are drawn from the labelled pool patients; subsets of the same size differ from each other
-    whenever the pool allows it. Unlabelled cases (no "label") only ever serve pre-training: those of pool patients
-    join ``pretrain``; those of validation or test patients are left out (they would leak those patients).
+    Validation and test patients are drawn first, among the patients with labels; the rest form the training pool,
+    whose images (labelled or not) all serve pre-training (``pretrain``); its labelled volumes are ``labelled_all``,
+    its unlabelled ones ``unlabelled`` (what ``select`` chooses from by default). ``num_test`` may be 0 (no test
+    split). Labelled subsets (``labelled_<n>_<i>``) are drawn from the labelled pool patients, for a study; subsets
+    of the same size differ from each other whenever the pool allows it. Unlabelled cases of validation or test
+    patients are left out (they would leak those patients).
+
+    Args:
+        keep: patient id -> "validation" or "test", from an earlier datalist of the same folder: those patients
+            keep their role while they still have a label, and the rest of each role is drawn as above (so
+            labelling more volumes and preparing again moves no patient between validation, test and training).
+
+    Raises:
+        BundleError: too few labelled patients for the split, or a subset larger than the labelled pool.
     """
     if len(subset_sizes) != len(num_subsets):
-        raise ValueError(f"subset_sizes {subset_sizes} and num_subsets {num_subsets} must have the same length.")
+        raise BundleError(f"split: subset_sizes {list(subset_sizes)} and num_subsets {list(num_subsets)} must have "
+                          "the same length.")
     labelled = [c for c in cases if c.get("label") is not None]
     patients = sorted({c["patient"] for c in labelled})
-    if num_validation < 1 or num_test < 1 or len(patients) <= num_validation + num_test:
-        raise ValueError(
+    if num_validation < 1 or num_test < 0 or len(patients) <= num_validation + num_test:
+        raise BundleError(
             f"cannot split {len(patients)} labelled patients into {num_validation} validation, {num_test} test "
-            "and a non-empty training pool."
+            "and a non-empty labelled training pool: label more volumes, or lower the split's num_validation "
+            "(at least 1) or num_test (0: no test split) in prepare.yaml."
         )
-    order = np.random.default_rng(seed).permutation(len(patients))
-    test = {patients[i] for i in order[:num_test]}
-    validation = {patients[i] for i in order[num_test : num_test + num_validation]}
+    order = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    kept = {role: [p for p in order if (keep or {}).get(p) == role] for role in ("test", "validation")}
+    free = [p for p in order if p not in kept["test"] + kept["validation"]]
+    test = set(kept["test"][:num_test] + free[: max(0, num_test - len(kept["test"]))])
+    free = [p for p in free if p not in test]
+    validation = set(kept["validation"][:num_validation] + free[: max(0, num_validation - len(kept["validation"]))])
     pool = [c for c in cases if c["patient"] not in test | validation]
     labelled_pool = [c for c in pool if c.get("label") is not None]
     pool_patients = sorted({c["patient"] for c in labelled_pool})
     datalist = {
         "pretrain": [{k: v for k, v in c.items() if k != "label"} for c in pool],
         "labelled_all": list(labelled_pool),
+        "unlabelled": [c for c in pool if c.get("label") is None],
         "validation": [c for c in labelled if c["patient"] in validation],
         "test": [c for c in labelled if c["patient"] in test],
     }
     rng = np.random.default_rng(seed + 1)
     for size, count in zip(subset_sizes, num_subsets):
         if size > len(pool_patients):
-            raise ValueError(
-                f"a labelled subset of {size} patients needs a labelled pool of at least {size}, "
-                f"the pool has {len(pool_patients)}."
+            raise BundleError(
+                f"a labelled subset of {size} patients needs a labelled pool of at least {size}, the pool has "
+                f"{len(pool_patients)}: lower the split's subset_sizes (or [] for no subsets) in prepare.yaml."
             )
         for index in range(count):
             chosen = set(rng.choice(pool_patients, size=size, replace=False).tolist())

@@ -398,7 +398,7 @@ def folder(
     patient_pattern: str | None = None,
     channel: int | None = None,
     label_values: Sequence[int] | None = None,
-    allow_unlabelled: bool = False,
+    allow_unlabelled: bool = True,
 ) -> RawDataset:
     """Cases of a folder of image/label pairs given by two glob patterns relative to ``raw_dir``.
 
@@ -414,7 +414,8 @@ def folder(
             case is its own patient.
         channel: the channel of multi-channel (4D) images; None: images are 3D.
         label_values: raw label value of each class, background first (``label_values[i]`` -> class i).
-        allow_unlabelled: images without a label are used for pre-training only (default: a problem).
+        allow_unlabelled: images without a label are used for pre-training (and ``select``) only, each named in
+            the log; False: an image without a label is a problem.
     """
     root = _root(raw_dir, "image/label")
     images = _match_ids(root, image_glob)
@@ -439,6 +440,8 @@ def folder(
                 continue
             cases.append({**case, "label": label_files[key][0]})
         elif allow_unlabelled or not label_glob:
+            if label_glob:
+                logger.info(f"{paths[0]}: no label matching '{label_glob}': used for pre-training (and select) only")
             cases.append(case)
         else:
             problems.append((paths[0], f"no label matching '{label_glob}' for case id {key!r}"))
@@ -651,6 +654,25 @@ def fill_cache(datalist: dict, cache_dir: str, contract: Mapping, num_workers: i
     return {"computed": len(work) - reused, "reused": reused}
 
 
+def previous_roles(path: str) -> dict[str, str]:
+    """Patient id -> "validation" / "test" in the datalist at ``path`` ({} when there is none yet)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{path}: the earlier datalist cannot be read ({error}): move it away and prepare again.")
+    roles = {}
+    for role in ("validation", "test"):
+        for case in stored.get(role, []) if isinstance(stored, dict) else []:
+            roles[case.get("patient")] = role
+    if roles:
+        logger.info(f"{path}: keeping its {sum(r == 'validation' for r in roles.values())} validation and "
+                    f"{sum(r == 'test' for r in roles.values())} test patients")
+    return roles
+
+
 def prepare(
     source: RawDataset,
     dataset_dir: str,
@@ -664,6 +686,7 @@ def prepare(
     preprocessing: Mapping | None = None,
     cache_dir: str | None = None,
     cache_workers: int = 0,
+    keep_roles: bool = False,
 ) -> str:
     """Validate ``source`` (``validate``), split it patient-level (``scripts.data.split_patients``), fill the disk cache
     (``fill_cache``, when ``cache_dir`` is set) and write ``<dataset_dir>/datalist.json`` (last, atomically, so an
@@ -672,6 +695,9 @@ def prepare(
     Besides the lists, the datalist holds the data ``contract`` (``scripts.contract``: the pre-processing settings the
     cache was filled with, channel, class names and raw label values) and ``source`` (layout, raw folder, options,
     skipped files).
+
+    With ``keep_roles``, the validation and test patients of a datalist already in ``dataset_dir`` keep their roles
+    (``split_patients``' ``keep``): preparing again after labelling more volumes moves no patient between roles.
     """
     start = time.perf_counter()
     settings = dict(preprocessing or {})
@@ -680,7 +706,8 @@ def prepare(
     norm = settings.get("normalisation") or {"lower_percentile": 1.0, "upper_percentile": 99.0}
     cases = validate(source, num_partitions, settings.get("slice_axis", "auto"), on_error, cache_workers,
                      (norm["lower_percentile"], norm["upper_percentile"]))
-    datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed)
+    keep = previous_roles(os.path.join(dataset_dir, "datalist.json")) if keep_roles else None
+    datalist = split_patients(cases, num_validation, num_test, subset_sizes, num_subsets, seed=seed, keep=keep)
     kept = {c["image"] for c in cases}
     datalist.update(
         contract=make_contract(class_names=source.labels, channel=source.channel, label_values=source.label_values,

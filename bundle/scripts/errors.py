@@ -4,8 +4,10 @@ Every bad-input or bad-configuration error the bundle raises is a ``BundleError`
 file or config key, what is wrong, what to do. ``python -m monai.bundle run`` wraps errors raised while a config is
 parsed in its own ``RuntimeError("Failed to evaluate ...")``; the hook installed by ``install_excepthook`` (when the
 ``scripts`` package is imported) finds the ``BundleError`` in the exception chain and prints only its message as the
-last line of stderr. Set the environment variable ``BUNDLE_DEBUG=1`` to get the full traceback instead. Any other
-exception keeps Python's usual traceback.
+last line of stderr. An ``OSError`` that names a file (a folder that is a file, a file removed between two steps, a
+full or read-only disk) is the user's to fix too and is printed the same way, as "<file>: <problem>". Set the
+environment variable ``BUNDLE_DEBUG=1`` to get the full traceback instead. Any other exception keeps Python's usual
+traceback.
 
 Served by MONAI Label (a FastAPI / Starlette web server), a ``BundleError`` raised while a request runs is also
 Starlette's ``HTTPException``: the server answers HTTP 422 with the one-line message as the JSON ``detail`` instead of
@@ -14,6 +16,7 @@ a bare "Internal Server Error". Where Starlette is not installed, ``BundleError`
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -64,18 +67,53 @@ def find_bundle_error(error: BaseException | None) -> BundleError | None:
     return None
 
 
-def _excepthook(kind, error, traceback, fallback=sys.__excepthook__) -> None:
+# what a file-system error means for the user, where the system's words mislead (errno -> text)
+FILE_PROBLEMS = {
+    errno.EEXIST: "exists and is not a folder (a file is in the way of a folder to create)",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def find_file_error(error: BaseException | None) -> OSError | None:
+    """The first ``OSError`` naming a file (``filename`` set: a folder that is a file, a file that vanished, a disk
+    that is full or read-only) in ``error``'s chain, or None: a problem with the user's files, not with the code."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.filename is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def one_line(error: BaseException | None) -> str | None:
+    """The one-line report of ``error``: its ``BundleError``'s message, else "<file>: <problem>" of an ``OSError``
+    naming a file, else None (a bug: the traceback is shown)."""
     found = find_bundle_error(error)
-    if found is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+    if found is not None:
+        return str(found)
+    failed = find_file_error(error)
+    if failed is None:
+        return None
+    other = f" -> {failed.filename2}" if failed.filename2 is not None else ""
+    problem = FILE_PROBLEMS.get(failed.errno, failed.strerror or type(failed).__name__)
+    return f"{failed.filename}{other}: {problem} (check the path: its folders must exist or be creatable, and writable)"
+
+
+def _excepthook(kind, error, traceback, fallback=sys.__excepthook__) -> None:
+    message = one_line(error)
+    if message is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
         fallback(kind, error, traceback)
         return
     sys.stderr.flush()
     print(f"(full traceback: set {DEBUG_VARIABLE}=1)", file=sys.stderr)
-    print(f"ERROR: {found}", file=sys.stderr)
+    print(f"ERROR: {message}", file=sys.stderr)
 
 
 def install_excepthook() -> None:
-    """Print uncaught ``BundleError`` s as one line (see the module docstring); idempotent."""
+    """Print uncaught ``BundleError`` s and file errors as one line (see the module docstring); idempotent."""
     if getattr(sys.excepthook, "__module__", None) != __name__:
         previous = sys.excepthook
 

@@ -280,7 +280,10 @@ def run_selection(encoder: UNet2D, volumes, datalist_file: str, pool_key: str, n
     with open(datalist_file) as f:
         stored = json.load(f).get(pool_key)
     if not stored:
-        raise BundleError(f"datalist {datalist_file}: the pool '{pool_key}' holds no volume: nothing to select from.")
+        hint = (" (every training volume has a label already; to choose among labelled volumes, as a study does: "
+                "--selection_pool labelled_all)" if pool_key == "unlabelled" else "")
+        raise BundleError(f"datalist {datalist_file}: the pool '{pool_key}' holds no volume: nothing to select "
+                          f"from{hint}.")
     if len(stored) != len(volumes):
         raise BundleError(f"datalist {datalist_file}: '{pool_key}' changed while it was read: run select again.")
     if not 1 <= int(num_labelled) <= len(stored):

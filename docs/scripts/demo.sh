@@ -22,9 +22,10 @@ SEED=${SEED:-0}   # seeds the synthetic patients, the split, every initialisatio
 SUBSETS=(labelled_1_0 labelled_1_1 labelled_2_0 labelled_2_1)  # datalist keys labelled_<|XL|>_<subset>
 REFERENCE=labelled_all                                       # every labelled pool volume, random init (empty: skip)
 
-# every stage command is also appended to bundle/models/commands.log: `make bundle` puts it in the model card
-LOG=bundle/models/commands.log
-mkdir -p bundle/models
+# the demo's weights go to $MODELS (git-ignored), never to bundle/models/, which holds the committed release
+MODELS=bundle/runs/demo/models
+LOG=$MODELS/commands.log   # every stage command, as run
+mkdir -p "$MODELS"
 echo "# make demo (docs/scripts/demo.sh, SEED=$SEED), started $(date -u '+%Y-%m-%d %H:%M UTC'), git commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" > "$LOG"
 quote() {   # one word as a shell reads it back: bare, "double-quoted", or bash's %q when it holds " $ ` or \
     case "$1" in
@@ -44,16 +45,16 @@ T=$(date +%s)
 run prepare_synthetic --config_file "['$C/train.yaml','$C/prepare.yaml']" --seed "$SEED"
 stage_time "data preparation" "$T"
 T=$(date +%s)
-run pretrain --config_file "$PRETRAIN_CONFIG" --seed "$SEED"
+run pretrain --config_file "$PRETRAIN_CONFIG" --model_dir "$MODELS" --seed "$SEED"
 stage_time "pre-training" "$T"
 
 # fine-tune + evaluate: one labelled subset (a datalist key) and one initialisation (pretrained | random_init);
-# weights in bundle/models/<init>/<subset>/model.pt, logs and test Dice in bundle/eval/<init>/<subset>/
+# weights in $MODELS/<init>/<subset>/model.pt, logs and test Dice in bundle/eval/<init>/<subset>/
 finetune() {
     local subset=$1 init=$2 T
     T=$(date +%s)
-    local args=(--train_key "$subset" --model_dir "bundle/models/$init/$subset" --output_dir "bundle/eval/$init/$subset"
-                --pretrained_checkpoint bundle/models/pretrained_local.pt --seed "$SEED")
+    local args=(--train_key "$subset" --model_dir "$MODELS/$init/$subset" --output_dir "bundle/eval/$init/$subset"
+                --pretrained_checkpoint "$MODELS/pretrained_local.pt" --seed "$SEED")
     [ "$init" = random_init ] && args+=(--use_pretrained False)
     run run --config_file "$FINETUNE_CONFIG" "${args[@]}"
     run run --config_file "$EVALUATE_CONFIG" "${args[@]}"
@@ -68,9 +69,6 @@ if [ -n "$REFERENCE" ]; then
     finetune "$REFERENCE" random_init
     REFERENCE_ARGS=(--reference "{'random init, $REFERENCE': 'bundle/eval/random_init/$REFERENCE/test'}")
 fi
-# the released fine-tuned weights (make bundle): pre-trained, fine-tuned on the first subset of 2 labelled volumes
-cp bundle/models/pretrained/labelled_2_0/model.pt bundle/models/model.pt
-echo "cp bundle/models/pretrained/labelled_2_0/model.pt bundle/models/model.pt" >> "$LOG"
 
 SUBSET_LIST=$(printf "'%s'," "${SUBSETS[@]}")
 PYTHONPATH=bundle "$PY" -m scripts.cli compare \

@@ -94,8 +94,8 @@ def short_run(work: str):
     paths = ["--dataset_dir", f"{work}/data", "--model_dir", f"{work}/models", "--output_dir", f"{work}/eval",
              "--num_workers", "0", "--cache_workers", "0"]
     monai_bundle("run", "prepare_synthetic", "--config_file", both("train.yaml", "prepare.yaml"), *paths,
-                 "--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
-                 "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]", cwd=work)
+                 "--synthetic#num_patients", "6", "--synthetic#split",
+                 "{num_validation: 1, num_test: 1, subset_sizes: [1,2], num_subsets: [1,1]}", cwd=work)
     monai_bundle("run", "pretrain", "--config_file", both("train.yaml", "pretrain.yaml"), *paths,
                  "--global#max_iterations", "4", "--local#max_iterations", "4", "--pretrain_epoch_length", "2",
                  "--global#volumes_per_batch", "2", "--local#volumes_per_batch", "2", cwd=work)
