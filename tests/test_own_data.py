@@ -8,11 +8,14 @@ preparing again after labelling more volumes keeps the validation patient.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE, PRETRAIN, TINY, config, paths, run, write_nifti
+from conftest import BUNDLE, PRETRAIN, ROOT, TINY, config, paths, run, write_nifti
 from scripts.data import split_patients
 from scripts.errors import BundleError
 
@@ -108,6 +111,63 @@ def test_one_labelled_volume_is_refused_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ERROR: cannot split 1 labelled patients") and "label more volumes" in last
     assert not (tmp_path / "data" / "datalist.json").exists()
+
+
+# ---------------------------------------------------------------- the journey of docs/own_data.md, on real MRI
+SHARED_HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
+JOURNEY = ROOT / "docs" / "own_data.md"
+
+
+def journey_commands(variables: dict) -> list[list[str]]:
+    """The ``monai.bundle`` commands of docs/own_data.md's first bash block, continuation lines joined, the shell
+    variables it sets replaced by ``variables``; each as the words after ``python -m monai.bundle``."""
+    text = JOURNEY.read_text().split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("python -m monai.bundle"):
+            for name, value in variables.items():
+                line = line.replace(f"${name}", str(value))
+            commands.append(shlex.split(line)[3:])
+    return commands
+
+
+@pytest.mark.realdata
+def test_the_own_data_journey_on_hippocampus_mri(tmp_path):
+    """docs/own_data.md's commands as written, with tiny budgets, on Task04_Hippocampus cut down to 3 labelled
+    volumes + 101 unlabelled: prepare, pre-training continued from the committed release, select among the
+    unlabelled, label the chosen two (their real labels copied in) and prepare again, fine-tune, segment them all."""
+    if not SHARED_HIPPOCAMPUS.is_dir():
+        pytest.skip(f"the shared hippocampus data is not at {SHARED_HIPPOCAMPUS}")
+    raw, mine = tmp_path / "raw", tmp_path / "mine"
+    (raw / "images").mkdir(parents=True)
+    (raw / "labels").mkdir()
+    images = sorted((SHARED_HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
+    for i, image in enumerate(images):
+        (raw / "images" / image.name).symlink_to(image)
+        if i < 3:
+            (raw / "labels" / image.name).symlink_to(SHARED_HIPPOCAMPUS / "labelsTr" / image.name)
+    prepare, pretrain, select, finetune, segment = journey_commands(
+        {"C": "bundle/configs", "RAW": raw, "MINE": mine})
+    tiny = {"pretrain": PRETRAIN, "select": [], "finetune": ["--max_epochs", "2", "--iterations_per_epoch", "2",
+                                                             "--batch_size", "4"]}
+    run(ROOT, *prepare, "--cache_workers", "0", timeout=600)
+    first = json.loads((mine / "datalist.json").read_text())
+    assert len(first["labelled_all"]) == 2 and len(first["unlabelled"]) == len(images) - 3
+    run(ROOT, *pretrain, *tiny["pretrain"], timeout=900)
+    run(ROOT, *select, timeout=600)
+    chosen = json.loads((mine / "datalist.json").read_text())["selected_2"]
+    assert len(chosen) == 2 and all(case in first["unlabelled"] for case in chosen)
+    for case in chosen:   # the user labels them
+        name = os.path.basename(case["image"])
+        (raw / "labels" / name).symlink_to(SHARED_HIPPOCAMPUS / "labelsTr" / name)
+    run(ROOT, *prepare, "--cache_workers", "0", timeout=600)
+    second = json.loads((mine / "datalist.json").read_text())
+    assert second["validation"] == first["validation"] and len(second["labelled_all"]) == 4
+    run(ROOT, *finetune, *tiny["finetune"], timeout=900)
+    run(ROOT, *segment, timeout=900)
+    outputs = sorted((mine / "seg").glob("*_seg.nii.gz"))
+    assert len(outputs) == len(images)
+    assert set(np.unique(np.asarray(nib.load(outputs[0]).dataobj)).tolist()) <= {0, 1, 2}
 
 
 def test_a_file_in_the_way_of_a_folder_is_one_line_naming_it(tmp_path):
