@@ -56,3 +56,21 @@ def test_pretraining_continues_from_the_committed_pretrained_local(tmp_path):
         "--init_checkpoint", MODELS / "pretrained_local.pt", *PRETRAIN, timeout=600)
     stop = json.loads((tmp_path / "eval" / "pretrain_global_stop.json").read_text())
     assert stop["iteration"] == 6 and (tmp_path / "models" / "pretrained_local.pt").is_file()
+
+
+def test_make_bundle_packs_the_committed_release(tmp_path):
+    """``make bundle`` (``study.release pack`` with its defaults): the committed release's weights, data and licence,
+    its model-card section and test Dice, not demo weights."""
+    import zipfile
+
+    from study import release
+
+    written = release.pack(dist_dir=str(tmp_path))
+    archive = zipfile.ZipFile(written["archive"])
+    card = archive.read(f"{release.NAME}/docs/README.md").decode()
+    metadata = json.loads(archive.read(f"{release.NAME}/configs/metadata.json"))
+    record = json.loads((MODELS / "release.json").read_text())
+    assert "ACDC" in card.split("**Data**")[1].split("\n")[0] and "How each check decided" in card
+    assert metadata["eval_metrics"] == record["metadata"]["eval_metrics"] and "intended_use" not in record["metadata"]
+    for path in written["weights"]:
+        assert file_hash(path) == file_hash(str(MODELS / path.rsplit("/", 1)[-1]))
