@@ -106,7 +106,8 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(runs):
     for name in ("killed", "whole"):
         (work / name / "models").mkdir(parents=True)
         shutil.copy(work / "ddp" / "models" / "pretrained_local.pt", work / name / "models")
-    br.run(work, "run", "kill_train", "--config_file", br.config("train.yaml", "multi_gpu_train.yaml", work / "kill.yaml"),
+    killer = br.config("train.yaml", "multi_gpu_train.yaml", work / "kill.yaml")
+    br.run(work, "run", "kill_train", "--config_file", killer,
            *fine_tune, *br.paths(work, "killed"), torchrun=WORLD, expect=None)
     assert safe_load(work / "killed" / "models" / "state_train.pt")["trainer"]["iteration"] == 4  # epoch 2's state
     result = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu_train.yaml"), *fine_tune,
