@@ -262,3 +262,13 @@ def test_the_quantity_check_catches_disagreements():
         f"bundle version: {version} expected, the docs also say {{'0.2.0': {{'b.md'}}}}"]
     assert quantity_problems({"docs/monailabel.md": "torch==2.13.0"})
     assert not quantity_problems({"README.md": f"bundle {version}, torch 2.13.0", "docs/monailabel.md": "torch 2.14.1"})
+
+
+def test_the_model_cards_metadata_check_runs_offline():
+    """The card's verify_metadata names a local schema file (MONAI downloads the schema only when it is missing)."""
+    commands = re.findall(r"verify_metadata[^\n]*(?:\\\n[^\n]*)*", read(CARD))
+    assert commands, f"{CARD}: no verify_metadata command"
+    for command in commands:
+        schema = re.search(r"--filepath\s+(\S+)", command)
+        assert schema and os.path.isfile(os.path.join(BUNDLE, schema.group(1))), (
+            f"{CARD}: {command!r} must name the local schema copy, relative to the bundle folder")
