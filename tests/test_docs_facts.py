@@ -272,3 +272,11 @@ def test_the_model_cards_metadata_check_runs_offline():
         schema = re.search(r"--filepath\s+(\S+)", command)
         assert schema and os.path.isfile(os.path.join(BUNDLE, schema.group(1))), (
             f"{CARD}: {command!r} must name the local schema copy, relative to the bundle folder")
+
+
+def test_metadata_has_no_key_monai_renames():
+    """MONAI 1.6 reads `optional_packages_version` as a deprecated name of `required_packages_version` and replaces
+    the latter with it (monai.bundle.utils.DEPRECATED_ID_MAPPING): such a key would silently drop the requirements."""
+    from monai.bundle.utils import DEPRECATED_ID_MAPPING
+
+    assert not set(DEPRECATED_ID_MAPPING) & set(metadata())
