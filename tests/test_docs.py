@@ -283,7 +283,7 @@ def test_the_checks_catch_broken_commands(tmp_path):
     assert check_monai_bundle(_tokens(good)) == []
     assert check_monai_bundle(_tokens(good.replace("pretrain --", "pretrainn --")))   # run id
     assert check_monai_bundle(_tokens(good + " --global#strategyy random"))           # override typo
-    assert check_monai_bundle(_tokens(good.replace("pretrain.yaml", "multi_gpu_train.yaml")))   # missing config
+    assert check_monai_bundle(_tokens(good.replace("pretrain.yaml", "no_such_overlay.yaml")))   # missing config
     assert check_monai_bundle(_tokens("python -m monai.bundle verify_metadatum --meta_file configs/metadata.json"))
     assert check_make(_tokens("make demo"), tmp_path) == []
     assert check_make(_tokens("make dem"), tmp_path)

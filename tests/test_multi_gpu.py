@@ -40,9 +40,9 @@ def runs(tmp_path_factory):
     out = br.paths(work, "ddp")
     logs = {}
     logs["pretrain"] = br.run(work, "run", "pretrain_recorded", "--config_file",
-                              br.config("train.yaml", "pretrain.yaml", "multi_gpu.yaml", work / "record.yaml"),
+                              br.config("train.yaml", "pretrain.yaml", "multi_gpu_train.yaml", work / "record.yaml"),
                               *data, *out, *br.TINY, *br.PRETRAIN, torchrun=WORLD)
-    logs["train"] = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu.yaml"), *data, *out,
+    logs["train"] = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu_train.yaml"), *data, *out,
                            *br.TINY, "--max_epochs", "2", "--iterations_per_epoch", "2", "--batch_size", "4",
                            torchrun=WORLD)
     return work, data, out, logs
@@ -106,14 +106,15 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(runs):
     for name in ("killed", "whole"):
         (work / name / "models").mkdir(parents=True)
         shutil.copy(work / "ddp" / "models" / "pretrained_local.pt", work / name / "models")
-    br.run(work, "run", "kill_train", "--config_file", br.config("train.yaml", "multi_gpu.yaml", work / "kill.yaml"),
+    killer = br.config("train.yaml", "multi_gpu_train.yaml", work / "kill.yaml")
+    br.run(work, "run", "kill_train", "--config_file", killer,
            *fine_tune, *br.paths(work, "killed"), torchrun=WORLD, expect=None)
     assert safe_load(work / "killed" / "models" / "state_train.pt")["trainer"]["iteration"] == 4  # epoch 2's state
-    result = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu.yaml"), *fine_tune,
+    result = br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu_train.yaml"), *fine_tune,
                     *br.paths(work, "killed"), "--resume", "True", torchrun=WORLD)
     log = result.stdout + result.stderr
     assert log.count("fine-tune: resumed from") == WORLD and "at epoch 2 (iteration 4) of 3" in log
-    br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu.yaml"), *fine_tune,
+    br.run(work, "run", "--config_file", br.config("train.yaml", "multi_gpu_train.yaml"), *fine_tune,
            *br.paths(work, "whole"), torchrun=WORLD)
     for name in ("killed", "whole"):
         states[name] = safe_load(work / name / "models" / "state_train.pt")

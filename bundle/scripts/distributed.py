@@ -1,7 +1,7 @@
 """torch.distributed in one place: this process's rank and the world size, DDP wrapping, a differentiable all-gather.
 
 The trainers of every stage get their network through ``data_parallel``; the configs need no other change to run
-under ``torchrun`` (configs/multi_gpu.yaml initialises the process group and shards the data). Every module that
+under ``torchrun`` (configs/multi_gpu_train.yaml initialises the process group and shards the data). Every module that
 needs to know its rank or the number of processes asks :func:`rank_and_world_size`; the contrastive losses gather
 the embeddings of all ranks with :func:`all_gather_rows`, whose backward pass returns each rank its rows' gradient.
 """
