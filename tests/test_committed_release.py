@@ -74,3 +74,15 @@ def test_make_bundle_packs_the_committed_release(tmp_path):
     assert metadata["eval_metrics"] == record["metadata"]["eval_metrics"] and "intended_use" not in record["metadata"]
     for path in written["weights"]:
         assert file_hash(path) == file_hash(str(MODELS / path.rsplit("/", 1)[-1]))
+
+
+def test_metadata_describes_the_committed_weights():
+    """metadata.json, what MONAI tooling and MONAI Label read beside models/model.pt: the release's test Dice and
+    data source, and the data contract the weights carry."""
+    from scripts.contract import differences, read_contract
+
+    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    record = json.loads((MODELS / "release.json").read_text())
+    assert metadata["eval_metrics"] == record["metadata"]["eval_metrics"]
+    assert metadata["data_source"].startswith(record["metadata"]["data_source"])
+    assert not differences(metadata["data_contract"], read_contract(str(MODELS / "model.pt"), "checkpoint"))

@@ -36,6 +36,8 @@ DEFAULTS_VERSION = "0.9.0"
 DEFAULTS = {
     "image_size": 64, "spacing": 3.0, "slice_axis": "auto", "placeholder_spacing": 1.5,
     "split#num_validation": 2, "split#num_test": 20, "split#subset_sizes": [1, 2, 8], "split#num_subsets": [5, 5, 3],
+    "folder#split#num_validation": 1, "folder#split#num_test": 0, "folder#split#subset_sizes": [],
+    "folder#split#keep_roles": True, "folder#allow_unlabelled": True,
     "seed": 0, "num_partitions": 4, "num_views": 2, "pretrain_epoch_length": 100,
     "global#strategy": "domain", "global#temperature": 0.2, "global#hidden_features": 1024,
     "global#embedding_features": 128, "global#head_norm": "none", "global#head_init": "he_normal",
@@ -50,7 +52,7 @@ DEFAULTS = {
     "num_labelled": 2, "subset": 0, "pretrained_decoder_blocks": 3, "learning_rate": 0.001, "batch_size": 10,
     "iterations_per_epoch": 50, "max_epochs": 12, "val_interval": 1, "dice_weight": 1.0, "ce_weight": 1.0,
     "elastic_magnitude": [0.0, 2.0], "num_workers": 0, "amp": False,
-    "selection_rule": "kcenter", "selection_pool": "labelled_all", "selection_partitions": 4,
+    "selection_rule": "kcenter", "selection_pool": "unlabelled", "selection_partitions": 4,
 }
 CONFIGS = ["train.yaml", "prepare.yaml", "pretrain.yaml", "select.yaml"]
 
