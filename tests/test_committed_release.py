@@ -24,7 +24,8 @@ def test_large_files_list_the_committed_weights_with_their_sha256():
     assert [e["path"] for e in listed] == weights
     for entry in listed:
         assert entry["hash_type"] == "sha256" and file_hash(str(BUNDLE / entry["path"])) == entry["hash_val"]
-        assert entry["url"].endswith("/bundle/" + entry["path"])
+        version = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+        assert entry["url"].endswith(f"/raw/v{version}/bundle/{entry['path']}")   # this version's tag
     licence = (MODELS / "LICENCE.md").read_text()
     assert "CC BY-NC-SA 4.0" in licence and "Bernard" in licence
     record = json.loads((MODELS / "release.json").read_text())
