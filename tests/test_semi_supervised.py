@@ -144,15 +144,14 @@ def test_feature_dropout_touches_only_the_rows_from_start_and_only_while_set():
 
 
 # ---------------------------------------------------------------- workflows
-TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's code path)
+TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's path)
 train#prepare_batch: {_target_: scripts.engines.AugmentedBatch, augment: "@train#augmentation"}
 train#loss#to_onehot_y: true
 """
 KILL = """# test overlay: SIGKILL the process when iteration `kill_iteration` of the fine-tuning starts
 kill_iteration: 3
-kill_train:
-  - "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration), lambda e: os.kill(os.getpid(), 9))"
-  - "$@train#trainer.run()"
+at: "$ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration)"
+kill_train: ["$@train#trainer.add_event_handler(@at, lambda e: os.kill(os.getpid(), 9))", "$@train#trainer.run()"]
 """
 
 
@@ -165,10 +164,11 @@ def work(tmp_path_factory):
     return work, data
 
 
-def _fine_tune(work, data, name, *configs, run_id="run", args=(), expect=0):
+def _fine_tune(work, data, name, *configs, run_id="run", args=(), expect=0, torchrun=0):
     """A tiny seeded fine-tuning from random initialisation with train.yaml + ``configs``, under ``work/name``."""
     return br.run(work, "run", run_id, "--config_file", br.config("train.yaml", *configs), *data,
-                  *br.paths(work, name), *br.TINY, *br.FINETUNE, "--use_pretrained", "False", *args, expect=expect)
+                  *br.paths(work, name), *br.TINY, *br.FINETUNE, "--use_pretrained", "False", *args, expect=expect,
+                  torchrun=torchrun)
 
 
 def _weights(work, name):
@@ -210,3 +210,23 @@ def test_consistency_fine_tuning_killed_and_resumed_equals_uninterrupted(work):
     refused = _fine_tune(work, data, "cons_killed", "consistency.yaml",
                          args=("--resume", "True", "--confidence_threshold", "0.9"), expect=None)
     assert refused.returncode != 0 and "consistency" in refused.stderr
+
+
+RECORD = """# test overlay: after the fine-tuning each rank writes its unlabelled sampler's class and its epoch-1 draws
+recorded:
+  - "$@train#trainer.run()"
+  - "$@semi#sampler.set_epoch(1)"
+  - "$open(@model_dir + '/../sampler_rank%d.txt' % torch.distributed.get_rank(), 'w').write(repr(@drawn))"
+drawn: "$[type(@semi#sampler).__name__, sorted(set(@semi#sampler))]"
+"""
+
+
+def test_consistency_fine_tuning_under_torchrun_shards_the_unlabelled_slices(work):
+    work, data = work
+    (work / "record.yaml").write_text(RECORD)
+    _fine_tune(work, data, "ddp", "consistency.yaml", "multi_gpu.yaml", work / "record.yaml", run_id="recorded",
+               args=("--max_epochs", "2"), torchrun=2)
+    assert (work / "ddp" / "models" / "model.pt").exists()
+    seen = [eval((work / "ddp" / f"sampler_rank{r}.txt").read_text()) for r in range(2)]
+    assert all(kind == "ShardedRandomSampler" for kind, _ in seen)
+    assert not set(seen[0][1]) & set(seen[1][1])  # each rank its own unlabelled slices
