@@ -88,6 +88,9 @@ class MixupBatch:
         image, label = self.batch(batchdata, device, non_blocking, **kwargs)
         if self.alpha <= 0:
             return image, label
+        if int(label.max()) >= self.num_classes:
+            raise BundleError(f"Mixup: a label value {int(label.max())} >= num_classes {self.num_classes} (ignored "
+                              "voxels of pseudo-labels?): Mixup needs every voxel labelled.")
         onehot = F.one_hot(label[:, 0].long(), self.num_classes).permute(0, 3, 1, 2).to(image.dtype)
         return mixup(image, onehot, self.alpha)
 
