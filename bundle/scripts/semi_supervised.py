@@ -21,6 +21,7 @@ repeats an uninterrupted one. The unlabelled loader starts a fresh pass at every
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -36,6 +37,8 @@ from scripts.errors import BundleError
 
 __all__ = ["mixup", "MixupBatch", "image_view", "StrongPerturbation", "consistency_loss", "masked_dice_ce",
            "unlabelled_sampler", "ConsistencyStep"]
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- Mixup
@@ -315,6 +318,15 @@ class ConsistencyStep:
         self.feature_share = float(feature_share) if feature_dropout > 0 else 0.0
         self.dice_weight, self.ce_weight = float(dice_weight), float(ce_weight)
         self._iterator, self._epoch, self._hooks = None, None, None
+        self._sums, self._attached = torch.zeros(3, dtype=torch.float64), set()
+
+    def _log_epoch(self, engine) -> None:
+        """Rank 0 logs the epoch's mean supervised and unsupervised losses and share of confident pixels."""
+        sums, count = self._sums.cpu().tolist(), max(1, engine.state.epoch_length or 1)
+        if rank_and_world_size()[0] == 0:
+            logger.info(f"consistency: epoch {engine.state.epoch} supervised loss {sums[0] / count:.4f}, unsupervised "
+                        f"loss {sums[1] / count:.4f}, confident pixels {100 * sums[2] / count:.1f}%")
+        self._sums = torch.zeros(3, dtype=torch.float64)
 
     def next_unlabelled(self, epoch: int) -> dict:
         """The next unlabelled batch; a fresh pass of the loader at each new ``epoch``."""
@@ -395,4 +407,12 @@ class ConsistencyStep:
         return output
 
     def __call__(self, engine, batchdata) -> dict:
-        return self.compute(engine, self.prepare(engine, batchdata))
+        if id(engine) not in self._attached:  # the per-epoch summary of the losses (progress output)
+            from ignite.engine import Events
+
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+            self._attached.add(id(engine))
+        output = self.compute(engine, self.prepare(engine, batchdata))
+        parts = torch.stack([output[k].float() for k in ("supervised_loss", "unsupervised_loss", "confident")])
+        self._sums = self._sums.to(parts.device) + parts.detach().double()  # on the device: no sync per step
+        return output
