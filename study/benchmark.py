@@ -16,10 +16,10 @@ Four measurements, each printed as a plain-text table:
    images). The loss alone is forward + backward on inputs of the shape the network produces. The share is
    ``loss time / step time``. ``--paper`` measures at 192 x 192 (the paper's slice size); the default is a reduced
    size (64 x 64) so the whole run stays short on a CPU.
-4. ``pipeline``: for each stage (global, local, fine-tuning), the real workflow's throughput (the bundle's configs:
-   cached data, sampler, data loader, augmentation, step) against the model step alone on a ready batch, in
-   images/s, and their ratio (``study/pipeline_bench.py``; one line ``stage=... pipeline=... model=... ratio=...``
-   per stage).
+4. ``pipeline``: for each stage (global, local, fine-tuning, consistency fine-tuning), the real workflow's
+   throughput (the bundle's configs: cached data, sampler, data loader, augmentation, step) against the model
+   step alone on a ready batch, in images/s, and their ratio (``study/pipeline_bench.py``; one line
+   ``stage=... pipeline=... model=... ratio=...`` per stage).
 
 ``--paper`` also extends the local sweep to N = 48 images (at K = 256 dense regions that is ~0.9 GiB and ~2 s a call
 on 2 CPU cores). Every run reports how much CPU time *other* processes took meanwhile: on a busy machine the
@@ -481,7 +481,7 @@ def main(
     repeats: int = 10,
     step_repeats: int = 3,
     max_seconds: float = 2.0,
-    pipeline_stages: Sequence[str] = ("global", "local", "finetune"),
+    pipeline_stages: Sequence[str] = ("global", "local", "finetune", "consistency"),
     pipeline_iterations: int = 120,
     pipeline_warmup: int = 5,
     pipeline_overrides: dict | None = None,
@@ -508,7 +508,7 @@ def main(
         repeats: timed calls per loss configuration (median reported), fewer once ``max_seconds`` passed.
         step_repeats: timed steps per step-share row.
         max_seconds: time budget per loss configuration before repeats are cut (steps: 10 x this).
-        pipeline_stages: stages of the pipeline part ("global", "local", "finetune").
+        pipeline_stages: stages of the pipeline part ("global", "local", "finetune", "consistency").
         pipeline_iterations / pipeline_warmup: timed and untimed iterations of each stage's workflow (and as many
             model-only steps); the default 120 spans an epoch boundary in every stage.
         pipeline_overrides: config ids -> values for the pipeline part's workflows, e.g. ``{"num_workers": 0}``

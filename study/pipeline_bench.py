@@ -2,8 +2,10 @@
 ``pipeline`` of ``make bench``; repository tooling, not shipped in the bundle).
 
 For each stage — ``global`` and ``local`` pre-training (``train.yaml`` + ``pretrain.yaml``), ``finetune``
-(``train.yaml``) — the bundle's own configs are parsed with ``monai.bundle.ConfigParser`` and two throughputs are
-measured, in network input images per second (pre-training: V views x B slices per step; fine-tuning: B slices):
+(``train.yaml``), ``consistency`` (semi-supervised fine-tuning, ``train.yaml`` + ``consistency.yaml``) — the
+bundle's own configs are parsed with ``monai.bundle.ConfigParser`` and two throughputs are measured, in network
+input images per second (pre-training: V views x B slices per step; fine-tuning: B slices; consistency: B labelled
+slices and the weak, strong and feature-perturbed views of U unlabelled ones, B + 3U):
 
 - ``pipeline``: the stage's real trainer (``global#trainer``, ``local#trainer``, ``train#trainer``) runs
   ``warmup + iterations`` iterations: cached volumes, sampler, data loader (its workers, collation), augmentation,
@@ -42,13 +44,14 @@ from study.progress import progress
 
 __all__ = ["STAGES", "prepare_data", "stage_parser", "bench_pipeline", "format_line"]
 
-STAGES = ("global", "local", "finetune")
+STAGES = ("global", "local", "finetune", "consistency")
 CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 # each stage: its config files, and the id of its trainer in them
 STAGE_CONFIGS = {
     "global": (("train.yaml", "pretrain.yaml"), "global"),
     "local": (("train.yaml", "pretrain.yaml"), "local"),
     "finetune": (("train.yaml",), "train"),
+    "consistency": (("train.yaml", "consistency.yaml"), "train"),
 }
 
 
@@ -92,8 +95,11 @@ def _save_random_global_checkpoint(parser: ConfigParser) -> None:
 
 
 def _images(output) -> int:
-    """Network input images of one iteration's output (a dict with "image" when not decollated, else a list)."""
-    return int(output["image"].shape[0]) if isinstance(output, Mapping) else len(output)
+    """Network input images of one iteration's output (a dict with "image" when not decollated, else a list; the
+    consistency step's dict counts them under "network_images": labelled, weak, strong and perturbed views)."""
+    if isinstance(output, Mapping):
+        return int(output.get("network_images", output["image"].shape[0]))
+    return len(output)
 
 
 def _time_pipeline(trainer, warmup: int, iterations: int) -> tuple[float, int]:
@@ -122,7 +128,14 @@ def _model_step(trainer, batch):
     """A closure running one model-only step of the trainer's network, loss and optimiser on ``batch`` (a batch of
     its data loader), prepared once, here (moved to the device; augmented, and for pre-training made into views):
     zero_grad, forward, loss, backward, optimiser step.
-    Returns the closure and the number of network input images per step."""
+    Returns the closure and the number of network input images per step.
+    A trainer whose iteration is a ``ConsistencyStep`` (consistency.yaml) runs its ``compute`` on the tensors its
+    ``prepare`` made once (the labelled batch, the unlabelled batch's weak and strong views)."""
+    update = getattr(trainer, "_process_function", None)
+    if hasattr(update, "prepare") and hasattr(update, "compute"):
+        prepared = update.prepare(trainer, batch)
+        images = update.compute(trainer, prepared)["network_images"]
+        return (lambda: update.compute(trainer, prepared)), int(images)
     inputs, targets = trainer.prepare_batch(batch, trainer.state.device, trainer.non_blocking)[:2]
     network, loss_function, optimizer = trainer.network, trainer.loss_function, trainer.optimizer
 

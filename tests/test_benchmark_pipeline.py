@@ -1,4 +1,4 @@
-"""The data-pipeline benchmark (study.pipeline_bench): a tiny run of the three real workflows, and its output."""
+"""The data-pipeline benchmark (study.pipeline_bench): a tiny run of the four real workflows, and its output."""
 
 import math
 
@@ -21,10 +21,11 @@ def rows():
                                          quiet=True)
 
 
-def test_the_three_workflows_are_measured_against_their_model_step(rows):
-    assert [r["stage"] for r in rows] == ["global", "local", "finetune"]
-    # network input images per step: V=2 views x M=2 volumes x S=4 partitions; 2 x 2 x 4; batch_size slices
-    assert [r["images"] for r in rows] == [16, 16, 4]
+def test_the_four_workflows_are_measured_against_their_model_step(rows):
+    assert [r["stage"] for r in rows] == ["global", "local", "finetune", "consistency"]
+    # network input images per step: V=2 views x M=2 volumes x S=4 partitions; 2 x 2 x 4; batch_size slices;
+    # batch_size labelled + 3 views (weak, strong, feature-perturbed) of batch_size unlabelled slices
+    assert [r["images"] for r in rows] == [16, 16, 4, 16]
     for row in rows:
         assert row["iterations"] == 4 and row["num_workers"] == 0
         for key in ("pipeline_ips", "model_ips"):
@@ -49,4 +50,5 @@ def test_main_prints_one_line_per_stage(rows, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert result["pipeline"] == rows and "Data pipeline" in out
     lines = [line for line in out.splitlines() if line.startswith("stage=")]
-    assert [line.split()[0] for line in lines] == ["stage=global", "stage=local", "stage=finetune"]
+    assert [line.split()[0] for line in lines] == ["stage=global", "stage=local", "stage=finetune",
+                                                   "stage=consistency"]

@@ -1,0 +1,232 @@
+"""Semi-supervised fine-tuning (scripts/semi_supervised.py): Mixup (train.yaml ``mixup_alpha``) and weak-to-strong
+consistency (overlay consistency.yaml).
+
+Unit level: Mixup keeps each pixel's label sum and mixes image and label alike; the consistency loss is zero when the
+weak and strong views coincide and are confident, ignores unconfident pixels, and follows CutMix boxes; the strong
+view and the feature dropout touch only what they should.
+Workflow level (tiny network, CPU): with the switches off, fine-tuning gives the same weights, bit for bit, as
+today's code path (the prepare_batch and loss train.yaml had before Mixup); Mixup and consistency change them; a
+consistency fine-tuning killed with SIGKILL part-way and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import conftest as br
+from scripts.checkpoints import safe_load
+from scripts.networks import UNet2D
+from scripts.semi_supervised import (
+    MixupBatch,
+    StrongPerturbation,
+    _FeatureDropout,
+    consistency_loss,
+    masked_dice_ce,
+    mixup,
+)
+
+
+# ---------------------------------------------------------------- Mixup
+def test_mixup_keeps_the_label_sums_and_mixes_image_and_label_alike():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (6, 16, 16))
+    onehot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    images = torch.rand(6, 1, 16, 16)
+    mixed_images, mixed = mixup(images, onehot, alpha=0.4)
+    assert mixed.shape == onehot.shape and mixed_images.shape == images.shape
+    torch.testing.assert_close(mixed.sum(1), torch.ones(6, 16, 16))  # every pixel's classes still sum to 1
+    assert (mixed >= 0).all() and (mixed <= 1).all()
+    assert not torch.equal(mixed, onehot)  # something was mixed
+    # image and label share λ and partner: recover them from the label and check the image
+    torch.manual_seed(0)
+    torch.randint(0, 4, (6, 16, 16)), torch.rand(6, 1, 16, 16)
+    lam = torch.distributions.Beta(0.4, 0.4).sample((6,))
+    partner = torch.randperm(6)
+    w = lam.view(6, 1, 1, 1)
+    torch.testing.assert_close(mixed_images, w * images + (1 - w) * images[partner])
+    torch.testing.assert_close(mixed, w * onehot + (1 - w) * onehot[partner])
+
+
+def test_mixup_batch_is_the_plain_batch_when_off_and_soft_one_hot_when_on():
+    image, label = torch.rand(4, 1, 8, 8), torch.randint(0, 3, (4, 1, 8, 8))
+    plain = lambda batch, device=None, non_blocking=False: (batch["image"], batch["label"])  # noqa: E731
+    off_image, off_label = MixupBatch(plain, alpha=0.0)({"image": image, "label": label})
+    assert off_image is image and off_label is label  # untouched, not even copied
+    on_image, on_label = MixupBatch(plain, alpha=0.2, num_classes=3)({"image": image, "label": label})
+    assert on_label.shape == (4, 3, 8, 8) and on_label.dtype == image.dtype
+    torch.testing.assert_close(on_label.sum(1), torch.ones(4, 8, 8))
+
+
+# ---------------------------------------------------------------- the consistency loss
+def _confident_logits(labels: torch.Tensor, k: int = 4, margin: float = 100.0) -> torch.Tensor:
+    return margin * torch.nn.functional.one_hot(labels, k).permute(0, 3, 1, 2).float()
+
+
+def test_consistency_loss_is_zero_when_weak_and_strong_coincide_and_are_confident():
+    torch.manual_seed(0)
+    weak = _confident_logits(torch.randint(0, 4, (3, 16, 16)))
+    loss, confident = consistency_loss(weak, weak.clone(), threshold=0.95)
+    assert confident.item() == 1.0
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    other = _confident_logits(torch.randint(0, 4, (3, 16, 16)))  # a confident strong view that disagrees
+    assert consistency_loss(weak, other, threshold=0.95)[0].item() > 1.0
+
+
+def test_consistency_loss_ignores_unconfident_pixels():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2, 8, 8))
+    weak = _confident_logits(labels)
+    weak[:, :, :4] = 0.0  # the top half: uniform, 0.25 < threshold
+    strong = weak.clone()
+    strong[:, :, :4] = torch.randn(2, 4, 4, 8) * 10  # anything there
+    loss, confident = consistency_loss(weak, strong, threshold=0.95)
+    assert confident.item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    strong.requires_grad_(True)
+    loss, _ = consistency_loss(weak, strong, threshold=0.95)
+    loss.backward()
+    assert strong.grad[:, :, :4].abs().sum() == 0  # no gradient where the pseudo-label is not confident
+
+
+def test_consistency_loss_takes_the_pseudo_labels_of_the_cutmix_partner_inside_the_box():
+    labels = torch.stack([torch.zeros(8, 8, dtype=torch.long), torch.full((8, 8), 2)])
+    weak = _confident_logits(labels)
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[0, 2:5, 2:5] = True
+    strong_labels = labels.clone()
+    strong_labels[0, 2:5, 2:5] = 2  # slice 0 shows slice 1 inside its box
+    strong = _confident_logits(strong_labels)
+    assert consistency_loss(weak, strong, 0.95, box=box)[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert consistency_loss(weak, strong, 0.95)[0].item() > 0.01  # without the box it disagrees there
+
+
+def test_masked_dice_ce_equals_the_plain_loss_when_every_pixel_counts():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 4, 8, 8), torch.randint(0, 4, (3, 8, 8))
+    expected = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True)(logits, target[:, None])
+    torch.testing.assert_close(masked_dice_ce(logits, target, torch.ones(3, 8, 8)), expected)
+
+
+# ---------------------------------------------------------------- views and feature perturbation
+def test_strong_perturbation_off_is_the_identity_and_cutmix_pastes_the_next_slice():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    off = StrongPerturbation(jitter_probability=0, blur_probability=0, cutmix_probability=0)
+    strong, box = off(x)
+    assert not box.any()
+    torch.testing.assert_close(strong, x)
+    cut = StrongPerturbation(jitter_probability=0, blur_probability=0, cutmix_probability=1)
+    strong, box = cut(x)
+    assert box.any(dim=(1, 2)).all()
+    torch.testing.assert_close(strong[:, 0][box], x.roll(-1, 0)[:, 0][box])
+    torch.testing.assert_close(strong[:, 0][~box], x[:, 0][~box])
+    jittered, _ = StrongPerturbation(jitter_probability=1, blur_probability=1, cutmix_probability=0)(x)
+    assert jittered.shape == x.shape and not torch.allclose(jittered, x)
+
+
+def test_feature_dropout_touches_only_the_rows_from_start_and_only_while_set():
+    torch.manual_seed(0)
+    net = UNet2D(1, 3, **br.TINY_NETWORK).eval()  # eval: BatchNorm's statistics do not depend on the batch
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        plain = net(x)
+        hooks = _FeatureDropout(net, p=0.5)
+        hooks.start = 2
+        perturbed = net(x)
+        hooks.start = None
+        again = net(x)
+    torch.testing.assert_close(perturbed[:2], plain[:2])
+    assert not torch.allclose(perturbed[2:], plain[2:])
+    torch.testing.assert_close(again, plain)
+
+
+# ---------------------------------------------------------------- workflows
+TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's path)
+train#prepare_batch: {_target_: scripts.engines.AugmentedBatch, augment: "@train#augmentation"}
+train#loss#to_onehot_y: true
+"""
+KILL = """# test overlay: SIGKILL the process when iteration `kill_iteration` of the fine-tuning starts
+kill_iteration: 3
+at: "$ignite.engine.Events.ITERATION_STARTED(once=@kill_iteration)"
+kill_train: ["$@train#trainer.add_event_handler(@at, lambda e: os.kill(os.getpid(), 9))", "$@train#trainer.run()"]
+"""
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = tmp_path_factory.mktemp("semi")
+    data = br.prepare(work)
+    (work / "today.yaml").write_text(TODAY)
+    (work / "kill.yaml").write_text(KILL)
+    return work, data
+
+
+def _fine_tune(work, data, name, *configs, run_id="run", args=(), expect=0, torchrun=0):
+    """A tiny seeded fine-tuning from random initialisation with train.yaml + ``configs``, under ``work/name``."""
+    return br.run(work, "run", run_id, "--config_file", br.config("train.yaml", *configs), *data,
+                  *br.paths(work, name), *br.TINY, *br.FINETUNE, "--use_pretrained", "False", *args, expect=expect,
+                  torchrun=torchrun)
+
+
+def _weights(work, name):
+    return safe_load(work / name / "models" / "state_train.pt")["objects"]["model"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_switches_off_give_todays_fine_tuning_bit_for_bit_and_on_change_it(work):
+    work, data = work
+    _fine_tune(work, data, "off")
+    _fine_tune(work, data, "today", work / "today.yaml")
+    off = _weights(work, "off")
+    assert _same(off, _weights(work, "today"))
+    _fine_tune(work, data, "mixup", args=("--mixup_alpha", "0.4"))
+    assert not _same(off, _weights(work, "mixup"))
+    assert safe_load(work / "mixup" / "models" / "state_train.pt")["run"]["mixup_alpha"] == 0.4
+
+
+def test_consistency_fine_tuning_killed_and_resumed_equals_uninterrupted(work):
+    work, data = work
+    whole = _fine_tune(work, data, "cons", "consistency.yaml")
+    assert "val_mean_dice" in whole.stdout + whole.stderr
+    state = safe_load(work / "cons" / "models" / "state_train.pt")
+    assert state["run"]["consistency"]["threshold"] == 0.95
+    if (work / "off" / "models" / "state_train.pt").exists():
+        assert not _same(_weights(work, "cons"), _weights(work, "off"))
+    _fine_tune(work, data, "cons_killed", "consistency.yaml", work / "kill.yaml",
+               run_id="kill_train", args=("--kill_iteration", "5"), expect=-9)
+    models = work / "cons_killed" / "models"
+    assert safe_load(models / "state_train.pt")["trainer"]["iteration"] == 4
+    resumed = _fine_tune(work, data, "cons_killed", "consistency.yaml", args=("--resume", "True"))
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert _same(_weights(work, "cons"), _weights(work, "cons_killed"))
+    whole_best = safe_load(work / "cons" / "models" / "model.pt")["model"]
+    assert _same(whole_best, safe_load(models / "model.pt")["model"])
+    refused = _fine_tune(work, data, "cons_killed", "consistency.yaml",
+                         args=("--resume", "True", "--confidence_threshold", "0.9"), expect=None)
+    assert refused.returncode != 0 and "consistency" in refused.stderr
+
+
+RECORD = """# test overlay: after the fine-tuning each rank writes its unlabelled sampler's class and its epoch-1 draws
+recorded:
+  - "$@train#trainer.run()"
+  - "$@semi#sampler.set_epoch(1)"
+  - "$open(@model_dir + '/../sampler_rank%d.txt' % torch.distributed.get_rank(), 'w').write(repr(@drawn))"
+drawn: "$[type(@semi#sampler).__name__, sorted(set(@semi#sampler))]"
+"""
+
+
+def test_consistency_fine_tuning_under_torchrun_shards_the_unlabelled_slices(work):
+    work, data = work
+    (work / "record.yaml").write_text(RECORD)
+    _fine_tune(work, data, "ddp", "consistency.yaml", "multi_gpu.yaml", work / "record.yaml", run_id="recorded",
+               args=("--max_epochs", "2"), torchrun=2)
+    assert (work / "ddp" / "models" / "model.pt").exists()
+    seen = [eval((work / "ddp" / f"sampler_rank{r}.txt").read_text()) for r in range(2)]
+    assert all(kind == "ShardedRandomSampler" for kind, _ in seen)
+    assert not set(seen[0][1]) & set(seen[1][1])  # each rank its own unlabelled slices
