@@ -224,7 +224,7 @@ drawn: "$[type(@semi#sampler).__name__, sorted(set(@semi#sampler))]"
 def test_consistency_fine_tuning_under_torchrun_shards_the_unlabelled_slices(work):
     work, data = work
     (work / "record.yaml").write_text(RECORD)
-    _fine_tune(work, data, "ddp", "consistency.yaml", "multi_gpu.yaml", work / "record.yaml", run_id="recorded",
+    _fine_tune(work, data, "ddp", "consistency.yaml", "multi_gpu_train.yaml", work / "record.yaml", run_id="recorded",
                args=("--max_epochs", "2"), torchrun=2)
     assert (work / "ddp" / "models" / "model.pt").exists()
     seen = [eval((work / "ddp" / f"sampler_rank{r}.txt").read_text()) for r in range(2)]

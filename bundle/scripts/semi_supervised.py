@@ -255,7 +255,7 @@ def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, thr
 # ---------------------------------------------------------------- the unlabelled stream
 def unlabelled_sampler(slices, num_samples: int, seed: int = 0):
     """The unlabelled slices' sampler: ``num_samples`` per epoch drawn with replacement; under torch.distributed each
-    rank draws from its own shard (``ShardedRandomSampler``, as multi_gpu.yaml's labelled sampler), else
+    rank draws from its own shard (``ShardedRandomSampler``, as multi_gpu_train.yaml's labelled sampler), else
     ``RandomSampler`` (its seed drawn from torch's global generator)."""
     if rank_and_world_size()[1] > 1:
         from scripts.sampler import ShardedRandomSampler
