@@ -232,12 +232,12 @@ def test_a_truncated_cache_entry_is_recomputed_with_a_warning_naming_it(tmp_path
 def test_metric_csvs_are_written_through_a_temporary_file_in_their_folder(tmp_path, monkeypatch):
     from ignite.engine import Engine
 
-    import scripts.checkpoints as checkpoints
+    import scripts.engines as engines
     from scripts.engines import NamedMetricsSaver
 
     copied = []
-    real_copy = checkpoints.atomic_copy
-    monkeypatch.setattr(checkpoints, "atomic_copy", lambda source, path: copied.append(path) or real_copy(source, path))
+    real_copy = engines.atomic_copy
+    monkeypatch.setattr(engines, "atomic_copy", lambda source, path: copied.append(path) or real_copy(source, path))
     engine = Engine(lambda e, b: None)
     engine.state.metrics = {"mean_dice": 0.5}
     engine.state.metric_details = {"mean_dice": torch.tensor([[0.4, 0.6], [0.5, 0.5]])}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import conftest as br
-from scripts.checkpoints import safe_load
+from scripts.files import safe_load
 
 WORLD = 2
 RECORD = """# test overlay: every rank records (stage, epoch, volume) of each pre-training batch, then writes them down
