@@ -89,6 +89,11 @@ def paths(work: Path, name: str) -> list[str]:
     return ["--model_dir", str(work / name / "models"), "--output_dir", str(work / name / "eval")]
 
 
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text`` (a command's one-line ``ERROR: ...`` report)."""
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
 def write_nifti(path, array, affine=None, spacing=None) -> str:
     """Save ``array`` as the NIfTI file ``path`` (its folder made if missing) and return ``str(path)``.
 
