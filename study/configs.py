@@ -8,9 +8,9 @@ takes from them instead of writing it again.
   (train.yaml's ``train_key``); ``all_labelled_key()``: the key of the whole labelled training pool (select.yaml's
   ``selection_pool``); ``datalist_keys(dataset_dir)``: the keys of a prepared dataset's datalist.
 - ``check_runner_keys(prepare)``: every run id and key the runner runs or sets (``RUN_IDS``, ``RUNNER_KEYS``; a
-  plan may set none of ``RESERVED``) is in the configs;
-  ``study.plan.load_plan`` calls it (and the functions above), so a key or file name renamed in the configs stops a
-  plan when it is loaded, with one line naming the config and what is missing, not hours into the study.
+  plan may set none of ``RESERVED``) is in the configs. ``study.plan.load_plan`` calls it (and the functions above),
+  so a key or file name renamed in the configs stops a plan when it is loaded, with one line naming the config and
+  what is missing, not hours into the study.
 """
 
 from __future__ import annotations

@@ -164,6 +164,26 @@ def test_the_runner_follows_the_names_the_configs_give(tmp_path, renamed_configs
     assert subset.info["train_key"].startswith("subset_")
 
 
+@pytest.mark.parametrize("name", ["acdc_cpu.yaml", "selection_acdc.yaml"])
+def test_every_key_the_runner_sets_is_one_it_checks(tmp_path, name):
+    """What the jobs' commands set beyond the plan's own overrides is in study.configs.RUNNER_KEYS (the keys checked
+    against the configs at load), and each command's run id in RUN_IDS: the check covers what the runner uses."""
+    from study.configs import RUN_IDS, RUNNER_KEYS
+
+    plan, jobs = plan_jobs(name, tmp_path)
+    given = set(plan["dataset"]["overrides"]) | {k for section in plan["protocol"].values() for k in section}
+    given |= {k for init in plan["initialisations"] for k in (*init["pretrain"], *init["finetune"])}
+    given |= set((plan["benchmark"] or {}).get("finetune", {}))
+    for job in jobs.values():
+        for _, command in job.steps:
+            files = option(command, "config_file")
+            names = tuple(os.path.basename(f) for f in (json.loads(files) if files.startswith("[") else [files]))
+            run_id = command[command.index("run") + 1]
+            assert run_id in RUN_IDS.get(names, ()) or run_id == plan["dataset"]["prepare"], (job.id, run_id)
+            flags = {word[2:] for word in command if word.startswith("--")} - {"config_file"} - given
+            assert flags <= set(RUNNER_KEYS[names]), (job.id, sorted(flags - set(RUNNER_KEYS[names])))
+
+
 def test_a_prepared_dataset_without_the_planned_subsets_is_refused_at_load(tmp_path):
     with open(os.path.join(PLANS, "smoke.yaml")) as f:
         plan = yaml.safe_load(f)
