@@ -1,6 +1,7 @@
 """What the test files share: the repository's paths, tiny networks and budgets, the one way the tests run the bundle's
-commands (``python -m monai.bundle`` in a subprocess, also under torchrun), a small prepared dataset, and the one NIfTI
-writer of hand-made volumes.
+commands (``python -m monai.bundle`` in a subprocess, also under torchrun), a small prepared dataset (made once per
+session for the modules that only read it: the ``prepared_data`` fixture), and the one NIfTI writer of hand-made
+volumes.
 
 The test files import these names (``from conftest import ROOT, run, write_nifti``): pytest puts this folder on
 ``sys.path`` (``tests`` has no ``__init__.py``) and loads this file once as the module ``conftest``.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent   # the repository
 BUNDLE = ROOT / "bundle"
@@ -82,6 +84,13 @@ def prepare(work: Path) -> list[str]:
         data, "--synthetic#num_patients", "6", "--synthetic#num_validation", "1", "--synthetic#num_test", "1",
         "--synthetic#subset_sizes", "[1,2]", "--synthetic#num_subsets", "[1,1]", "--cache_workers", "0")
     return ["--dataset_dir", str(data)]
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> list[str]:
+    """``prepare``'s dataset, made once per test session; the ``--dataset_dir`` arguments. For modules that only read
+    it (their runs write under their own ``paths``); a module that changes the data prepares its own."""
+    return prepare(tmp_path_factory.mktemp("prepared"))
 
 
 def paths(work: Path, name: str) -> list[str]:

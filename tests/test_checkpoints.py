@@ -194,9 +194,9 @@ nan_global: ["$@global#trainer.add_event_handler(@at, @poison)", "$@global#train
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, prepared_data):
     work = tmp_path_factory.mktemp("resume")
-    data = br.prepare(work)
+    data = prepared_data
     (work / "kill.yaml").write_text(KILL)
     return work, data
 

@@ -33,9 +33,9 @@ pretrain_recorded:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, prepared_data):
     work = tmp_path_factory.mktemp("multi_gpu")
-    data = br.prepare(work)
+    data = prepared_data
     (work / "record.yaml").write_text(RECORD)
     out = br.paths(work, "ddp")
     logs = {}
