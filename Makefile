@@ -18,7 +18,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP   = $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 
-.PHONY: venv demo lint test test-all test-monailabel venv-monailabel verify bundle version bench gpu-check experiments report \
+.PHONY: venv demo lint test test-monailabel venv-monailabel verify bundle version bench gpu-check experiments report \
         clean
 
 # torch is installed first, pinned (TORCH_PIP): the project's install then keeps that build
@@ -44,9 +44,6 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest -q
-
-test-all: venv
-	$(PY) -m pytest -q -m "slow or not slow"
 
 # MONAI Label's own environment, beside .venv (docs/monailabel.md): monailabel 0.8.5 imports torchvision, and only
 # the torch 2.14.1 + torchvision 0.29.1 pair imports together here (PyPI's torchvision fails beside the CPU torch

@@ -36,7 +36,7 @@ import sys
 import numpy as np
 import yaml
 
-from scripts.checkpoints import atomic_copy, atomic_write_text
+from scripts.files import atomic_copy, atomic_write_text
 from study.jobs import Job, build_jobs
 from study.ledger import done_records
 from study.plan import normalise_plan

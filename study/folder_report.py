@@ -14,8 +14,9 @@ import os
 
 import yaml
 
+from study.configs import read_configs
 from study.ledger import PLAN_COPY, RESULTS, STAGES_FILE, read_ledger, write_text
-from study.plan import CONFIGS, load_plan, normalise_plan
+from study.plan import load_plan, normalise_plan
 from study.results import nanmean
 
 
@@ -163,15 +164,11 @@ class _Predictor:
     the CPU), and the test volumes' labels from the datalist."""
 
     def __init__(self, plan: dict, exp: str):
-        from monai.bundle import ConfigParser
-
         self.exp = exp
-        self.parser = ConfigParser()
-        self.parser.read_config(os.path.join(CONFIGS, "train.yaml"))
         protocol = plan["protocol"]
-        self.parser.update({"dataset_dir": plan["dataset"]["dataset_dir"], **protocol["common"],
-                            **protocol["evaluate"], "device": "$torch.device('cpu')",
-                            "use_pretrained": False})   # the data's contract alone
+        self.parser = read_configs(("train.yaml",), {
+            "dataset_dir": plan["dataset"]["dataset_dir"], **protocol["common"], **protocol["evaluate"],
+            "device": "$torch.device('cpu')", "use_pretrained": False})   # the data's contract alone
         self.preprocessing = self.parser.get_parsed_content("train#preprocessing")
         with open(os.path.join(plan["dataset"]["dataset_dir"], "datalist.json")) as f:
             datalist = json.load(f)

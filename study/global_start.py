@@ -28,10 +28,9 @@ import time
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
-from monai.bundle import ConfigParser
 
-BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
-CONFIGS = [os.path.join(BUNDLE, "configs", name) for name in ("train.yaml", "pretrain.yaml")]
+from study.configs import read_configs
+
 STATS = ("loss", "dim_std", "similarity", "grad_encoder", "grad_head")
 
 
@@ -55,10 +54,9 @@ def run_variant(dataset_dir: str, overrides: dict, iterations: int, every: int =
     The stage writes its checkpoints into a temporary folder that is removed afterwards.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        parser = ConfigParser()
-        parser.read_config(CONFIGS)
-        parser.update({"dataset_dir": os.path.abspath(dataset_dir), "model_dir": tmp, "output_dir": tmp, "seed": seed,
-                       "global#max_iterations": iterations, **overrides})
+        parser = read_configs(("train.yaml", "pretrain.yaml"), {
+            "dataset_dir": os.path.abspath(dataset_dir), "model_dir": tmp, "output_dir": tmp, "seed": seed,
+            "global#max_iterations": iterations, **overrides})
         parser.get_parsed_content("initialize")  # seeds python, numpy and torch, as `monai.bundle run` does
         trainer = parser.get_parsed_content("global#trainer")
         net = parser.get_parsed_content("global#network")

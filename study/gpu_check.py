@@ -30,8 +30,9 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
 from monai.utils import set_determinism
 
+from study.configs import config_files, read_configs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "bundle", "configs")
 MIN_AGREEMENT = 0.999   # fraction of voxels whose label the GPU and the CPU must agree on
 WARMUP = 0.2            # fraction of each stage's first iterations left out of its images/s (start-up, cuDNN tuning)
 PAPER_SPACING = {192: 1.36719}   # in-plane mm for the paper's slice size (192 px x 1.367 mm = 262 mm field of view)
@@ -86,13 +87,6 @@ def run_stage(name: str, parser: ConfigParser, trainer_id: str, images: int, ite
     return row
 
 
-def parser_for(files: list[str], overrides: dict) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([os.path.join(CONFIGS, f) for f in files])
-    parser.update(overrides)
-    return parser
-
-
 def label_maps(folder: str) -> dict[str, np.ndarray]:
     return {os.path.basename(p): np.asarray(nib.load(p).dataobj) for p in sorted(glob.glob(f"{folder}/*_seg.nii.gz"))}
 
@@ -103,14 +97,14 @@ def check(device: torch.device, iterations: int, image_size: int, amp: bool, tin
              "num_workers": 0, "cache_workers": 0}
     network = {k: v for k, v in TINY.items() if k.endswith("channels")} if tiny else {}
     spacing = PAPER_SPACING.get(image_size, 192.0 / image_size)   # else the default 192 mm field of view
-    bundle_run("prepare_synthetic", config_file=[os.path.join(CONFIGS, f) for f in ("train.yaml", "prepare.yaml")],
+    bundle_run("prepare_synthetic", config_file=config_files("train.yaml", "prepare.yaml"),
                **paths, image_size=image_size, spacing=spacing, **{
                    "synthetic#num_patients": 8, "synthetic#split#num_validation": 1, "synthetic#split#num_test": 2,
                    "synthetic#split#subset_sizes": [2], "synthetic#split#num_subsets": [1]})
     common = {**paths, **(TINY if tiny else {}), "device": device, "amp": amp}
     epoch = max(1, iterations // 5)
     set_determinism(seed=0)
-    pretrain = parser_for(["train.yaml", "pretrain.yaml"], {
+    pretrain = read_configs(["train.yaml", "pretrain.yaml"], {
         **common, "pretrain_epoch_length": epoch, "global#max_iterations": iterations,
         "local#max_iterations": iterations, "global#stop_on_plateau": False, "local#stop_on_plateau": False,
         "channels_last": device.type == "cuda"})
@@ -122,8 +116,8 @@ def check(device: torch.device, iterations: int, image_size: int, amp: bool, tin
                       pretrain["local"]["volumes_per_batch"] * partitions * views, iterations,
                       f"{work}/models/pretrained_local.pt", device)]
     common = {k: v for k, v in common.items() if not k.startswith(("global#", "local#"))}   # train.yaml has neither
-    finetune = parser_for(["train.yaml"], {**common, "max_epochs": 5, "iterations_per_epoch": epoch,
-                                           "num_labelled": 2, "subset": 0})
+    finetune = read_configs(["train.yaml"], {**common, "max_epochs": 5, "iterations_per_epoch": epoch,
+                                             "num_labelled": 2, "subset": 0})
     rows.append(run_stage("fine-tune", finetune, "train#trainer", finetune["batch_size"], 5 * epoch,
                           f"{work}/models/model.pt", device))
     # the fine-tuned model on the test volumes, on the device and on the CPU
@@ -133,7 +127,7 @@ def check(device: torch.device, iterations: int, image_size: int, amp: bool, tin
     for image in test_images:
         shutil.copy(image, f"{work}/test_images")
     for name, on in (("device", device), ("cpu", torch.device("cpu"))):
-        bundle_run("run", config_file=os.path.join(CONFIGS, "inference.yaml"),
+        bundle_run("run", config_file=config_files("inference.yaml")[0],
                    input_glob=f"{work}/test_images/*.nii.gz", checkpoint=f"{work}/models/model.pt",
                    output_dir=f"{work}/seg_{name}", device=on, **{f"network_def#{k}": v for k, v in network.items()})
     ours, reference = label_maps(f"{work}/seg_device"), label_maps(f"{work}/seg_cpu")

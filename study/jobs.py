@@ -23,8 +23,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from study.configs import all_labelled_key, config_files, stage_outputs, subset_key
 from study.ledger import RESULTS, STAGES_FILE
-from study.plan import CONFIGS
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _literal(value) -> str:
 
 def bundle_command(run_id: str, configs: list[str], overrides: dict) -> list[str]:
     """``python -m monai.bundle run <run_id> --config_file [...] --key value ...``."""
-    files = [os.path.join(CONFIGS, c) for c in configs]   # several files: a list, merged in order by MONAI
+    files = config_files(*configs)   # several files: a list, merged in order by MONAI
     command = [sys.executable, "-m", "monai.bundle", "run", run_id,
                "--config_file", files[0] if len(files) == 1 else json.dumps(files, separators=(",", ":"))]
     for key, value in overrides.items():
@@ -76,6 +76,15 @@ def _tag(overrides: dict) -> str:
     if not overrides:
         return ""
     return "-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _outputs(stage: str, jid: str) -> dict:
+    """The files of pre-training job ``jid`` of ``stage`` that the runner and the report read, relative to the
+    experiment folder: "checkpoint", "log_dir" and the TensorBoard "tag" (``study.configs.stage_outputs``: the job's
+    ``model_dir`` and ``output_dir`` are its folder's ``models`` and ``eval``)."""
+    outputs = stage_outputs(stage)
+    return {"checkpoint": os.path.join("pretraining", jid, outputs["checkpoint"]),
+            "log_dir": os.path.join("pretraining", jid, outputs["log_dir"]), "tag": outputs["tag"]}
 
 
 def recipe(init: dict) -> dict:
@@ -181,9 +190,7 @@ class _JobBuilder:
             gid, "global", folder,
             [("pretrain_global", bundle_command("pretrain_global", ["train.yaml", "pretrain.yaml"], overrides))],
             config={"strategy": init["global"], "seed": seed, "overrides": {**pretrain, **extra}},
-            info={"strategy": init["global"], "seed": seed,
-                  "checkpoint": os.path.join("pretraining", gid, "models", "pretrained_global.pt"),
-                  "log_dir": os.path.join("pretraining", gid, "eval", "pretrain_global"), "tag": "global_loss"},
+            info={"strategy": init["global"], "seed": seed, **_outputs("global", gid)},
             needs=self.needs_prepare)
 
     def _local_job(self, lid: str, global_job: Job, init: dict, seed: int) -> Job:
@@ -197,9 +204,7 @@ class _JobBuilder:
             lid, "local", folder,
             [("pretrain_local", bundle_command("pretrain_local", ["train.yaml", "pretrain.yaml"], overrides))],
             config={"global": gid, "strategy": init["local"], "seed": seed, "overrides": {**pretrain, **extra}},
-            info={"strategy": init["local"], "global": gid, "seed": seed,
-                  "checkpoint": os.path.join("pretraining", lid, "models", "pretrained_local.pt"),
-                  "log_dir": os.path.join("pretraining", lid, "eval", "pretrain_local"), "tag": "local_loss"},
+            info={"strategy": init["local"], "global": gid, "seed": seed, **_outputs("local", lid)},
             needs=self.needs_prepare + (gid,))
 
     def _start(self, init: dict, source: Job | None) -> dict:
@@ -222,7 +227,7 @@ class _JobBuilder:
             rule = chosen.info["selection"]
             jid, selection = f"{init['name']}-xl{size}-{rule}-seed{seed}", {"train_key": chosen.info["key"]}
         elif size is None:
-            jid, selection = f"{init['name']}-xlall-seed{seed}", {"train_key": "labelled_all"}
+            jid, selection = f"{init['name']}-xlall-seed{seed}", {"train_key": all_labelled_key()}
         else:
             jid = f"{init['name']}-xl{size}-subset{subset}-seed{seed}"
             selection = {"num_labelled": size, "subset": subset}
@@ -250,7 +255,7 @@ class _JobBuilder:
             info={"init": init["name"], "label": init["label"], "recipe": recipe(init),
                   "seed": seed, "num_labelled": size if size is not None else "all",
                   "subset": chosen.info["selection"] if chosen else subset,
-                  "train_key": selection.get("train_key", f"labelled_{size}_{subset}"),
+                  "train_key": selection.get("train_key") or subset_key(size, subset),
                   "pretraining": source.id if source else None,
                   "model_dir": os.path.join("runs", jid, "models"), "output_dir": os.path.join("runs", jid, "eval"),
                   **({"selection": chosen.info["selection"]} if chosen else {})},
@@ -265,7 +270,7 @@ class _JobBuilder:
         overrides = {**self.paths, **protocol["common"], **protocol["select"],
                      "model_dir": os.path.join(folder, "models"), "output_dir": os.path.join(folder, "eval"),
                      "seed": seed, "num_labelled": size, "selection_rule": rule, "selection_key": key,
-                     "selection_pool": "labelled_all",   # a study fine-tunes on what it chose: labelled volumes
+                     "selection_pool": all_labelled_key(),   # a study fine-tunes on what it chose: labelled volumes
                      "pretrained_checkpoint": os.path.join(self.exp, encoder.info["checkpoint"])}
         return Job(jid, "select", folder,
                    [("select", bundle_command("select", ["train.yaml", "select.yaml"], overrides))],

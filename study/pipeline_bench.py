@@ -34,18 +34,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from scripts.checkpoints import atomic_save
+from scripts.files import atomic_save
+from study.configs import BUNDLE_DIR, config_files, read_configs
 from study.progress import progress
 
 __all__ = ["STAGES", "prepare_data", "stage_parser", "bench_pipeline", "format_line"]
 
 STAGES = ("global", "local", "finetune", "consistency")
-CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 # each stage: its config files, and the id of its trainer in them
 STAGE_CONFIGS = {
     "global": (("train.yaml", "pretrain.yaml"), "global"),
@@ -59,10 +58,10 @@ def prepare_data(dataset_dir: str | os.PathLike, overrides: Sequence[str] = ()) 
     """Prepare the embedded synthetic dataset in ``dataset_dir`` with the bundle's own ``prepare_synthetic`` run id
     (``python -m monai.bundle run``, a subprocess; ``overrides`` are extra command-line arguments such as
     ``["--synthetic#num_patients", "6"]``). Returns the datalist's path."""
-    configs = str([str(CONFIGS / name) for name in ("train.yaml", "prepare.yaml")])
+    configs = str(config_files("train.yaml", "prepare.yaml"))
     command = [sys.executable, "-m", "monai.bundle", "run", "prepare_synthetic", "--config_file", configs,
                "--dataset_dir", str(dataset_dir), *map(str, overrides)]
-    bundle = str(CONFIGS.parent)  # the `scripts` next to these configs, whatever else is installed
+    bundle = BUNDLE_DIR  # the `scripts` next to these configs, whatever else is installed
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [bundle, os.environ.get("PYTHONPATH")])))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -76,11 +75,9 @@ def stage_parser(stage: str, dataset_dir: str, work_dir: str, overrides: Mapping
     ``{"num_workers": 0}``) applied last; an override under a top-level id these configs lack (``global#...`` for
     fine-tuning) is skipped."""
     files, prefix = STAGE_CONFIGS[stage]
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in files])
-    parser.update({"dataset_dir": str(dataset_dir), "model_dir": os.path.join(work_dir, "models"),
-                   "output_dir": os.path.join(work_dir, "eval"), f"{prefix}#handlers": [],
-                   "use_pretrained": False})
+    parser = read_configs(files, {"dataset_dir": str(dataset_dir), "model_dir": os.path.join(work_dir, "models"),
+                                  "output_dir": os.path.join(work_dir, "eval"), f"{prefix}#handlers": [],
+                                  "use_pretrained": False})
     top = parser.get()
     parser.update({key: value for key, value in (overrides or {}).items() if key.split("#")[0] in top})
     return parser

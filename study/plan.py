@@ -2,7 +2,9 @@
 
 ``load_plan`` reads a file, ``normalise_plan`` checks a mapping; both return the plan with every key present, paths
 absolute. The keys are filled in a fixed order: the runner writes the result to ``plan.yaml`` in the experiment
-folder, and the report reads it back. The constants here are what the runner accepts and what it sets itself.
+folder, and the report reads it back. The strategies and selection rules are the bundle's own (``scripts.losses``,
+``scripts.selection``); the keys the runner sets, and the names it reads back, are checked against the configs when
+a plan is loaded (``study.configs``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import os
 
 import yaml
 
-BUNDLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
-CONFIGS = os.path.join(BUNDLE_DIR, "configs")
-GLOBAL_STRATEGIES = ("random", "domain_minus", "domain", "positional")
-LOCAL_STRATEGIES = ("random", "domain")
+from scripts.losses import GLOBAL_STRATEGIES, LOCAL_STRATEGIES
+from scripts.selection import RULES as SELECTION_RULES
+from study.configs import (
+    RESERVED,
+    all_labelled_key,
+    check_runner_keys,
+    datalist_keys,
+    read_configs,
+    subset_key,
+)
+
 STAGES = ("common", "prepare", "pretrain", "select", "finetune", "evaluate")
-SELECTION_RULES = ("kmedoids", "kcenter", "typical", "random")   # scripts.selection.RULES (the bundle is not imported)
-# set by the runner for each job: a plan's protocol may not set them
-RESERVED = ("dataset_dir", "model_dir", "output_dir", "raw_dir", "seed", "num_labelled", "subset", "train_key",
-            "use_pretrained", "pretrained_checkpoint", "global#strategy", "local#strategy", "local#global_checkpoint",
-            "checkpoint", "selection_rule", "selection_key")
 DEFAULT_ESTIMATE = {"prepare": 20, "global": 240, "local": 60, "select": 30, "finetune": 120, "evaluate": 15}
 PLAN_KEYS = {"name", "description", "experiment_dir", "dataset", "protocol", "env", "seeds", "initialisations",
              "labelled", "benchmark", "examples", "estimate", "selection"}
@@ -74,7 +78,28 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
     examples["volumes"] = int(examples.get("volumes", 1))
     plan["examples"] = examples
     plan["estimate"] = {**DEFAULT_ESTIMATE, **{k: float(v) for k, v in (plan.get("estimate") or {}).items()}}
+    try:   # every key and file name the runner takes from the bundle's configs is there (study.configs)
+        check_runner_keys(plan["dataset"]["prepare"])
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    _check_datalist(plan, source)
     return plan
+
+
+def _check_datalist(plan: dict, source: str) -> None:
+    """Raise ValueError naming the datalist keys the plan's fine-tunings train on (its labelled subsets, the whole
+    labelled pool for a benchmark) that an already prepared dataset lacks; a dataset the plan prepares is skipped."""
+    if plan["dataset"]["prepare"]:
+        return
+    found = datalist_keys(plan["dataset"]["dataset_dir"])
+    if found is None:
+        return
+    needed = [subset_key(size, index) for size, subsets in plan["labelled"].items() for index in subsets]
+    needed += [all_labelled_key()] if plan["benchmark"] else []
+    missing = sorted(set(needed) - found)
+    if missing:
+        raise ValueError(f"{source}: the datalist of {plan['dataset']['dataset_dir']} has no {missing}, which the "
+                         "plan fine-tunes on: prepare the dataset with these subsets, or change labelled.")
 
 
 def _normalise_dataset(dataset: dict | None, experiment_dir: str, source: str) -> dict:
@@ -186,8 +211,7 @@ def _normalise_benchmark(benchmark: dict | None, names: set, seeds: list, source
 
 def default_selection_rule() -> str:
     """select.yaml's ``selection_rule``: the rule a plan's ``selection`` measures when it names none."""
-    with open(os.path.join(CONFIGS, "select.yaml")) as f:
-        return str(yaml.safe_load(f)["selection_rule"])
+    return str(read_configs(("train.yaml", "select.yaml")).get("selection_rule"))
 
 
 def _normalise_selection(selection: dict | None, inits: dict, source: str) -> dict | None:

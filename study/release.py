@@ -91,7 +91,7 @@ def default_url(version: str, root: str = ROOT) -> str:
 
 def sha256(path: str) -> str:
     """Hex sha256 of the file at ``path`` (the bundle's ``file_hash``, which the training states record too)."""
-    from scripts.checkpoints import file_hash
+    from scripts.files import file_hash
 
     return file_hash(path)
 
@@ -147,7 +147,7 @@ def large_files(weights: dict[str, str], url: str) -> list[dict]:
 def ship_weights(weights: dict[str, str], dist_dir: str) -> dict[str, str]:
     """Copy the weights into ``dist_dir`` atomically (``atomic_copy``), after removing any weight file of an earlier
     pack; returns ``{path in the bundle: the copy}``."""
-    from scripts.checkpoints import atomic_copy
+    from scripts.files import atomic_copy
 
     for rel in (*REQUIRED_WEIGHTS, *OPTIONAL_WEIGHTS):   # no stale weight file of an earlier pack stays beside it
         stale = os.path.join(dist_dir, os.path.basename(rel))
@@ -296,7 +296,7 @@ def pack(url: str | None = None, name: str = NAME, bundle_dir: str = BUNDLE_DIR,
     os.replace(tmp, archive_path)
     written = {"archive": archive_path, "large_files": os.path.join(dist_dir, "large_files.yml"),
                "weights": list(shipped.values())}
-    from scripts.checkpoints import atomic_write_text
+    from scripts.files import atomic_write_text
 
     atomic_write_text(listing, written["large_files"])
     if recorded is None:
@@ -313,7 +313,7 @@ def install(models_dir: str, dataset: str, data_licence: str, card: str, metadat
     ``<bundle_dir>/models`` (atomically), ``release.json`` beside them (dataset, licence, the metadata entries and
     model-card section that ``pack`` then uses) and ``<bundle_dir>/large_files.yml`` (each file's sha256 and its URL
     in the repository, ``default_url``). Returns the written paths: what a maintainer commits."""
-    from scripts.checkpoints import atomic_copy, atomic_write_json, atomic_write_text
+    from scripts.files import atomic_copy, atomic_write_json, atomic_write_text
 
     target = os.path.join(bundle_dir, "models")
     os.makedirs(target, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from study.configs import all_labelled_key
 from study.jobs import Job
 
 
@@ -24,7 +25,7 @@ def check_datalist(plan: dict, jobs: list[Job]) -> tuple[list, dict]:
         datalist = json.load(f)
     needed = {"validation", "test"}
     needed |= {"pretrain" for j in jobs if j.kind in ("global", "local")}
-    needed |= {"labelled_all" for j in jobs if j.kind == "select"}   # the pool the selections choose from
+    needed |= {all_labelled_key() for j in jobs if j.kind == "select"}   # the pool the selections choose from
     needed |= {j.info["train_key"] for j in jobs if j.kind == "finetune" and "selection" not in j.info}
     missing = sorted(k for k in needed if not isinstance(datalist.get(k), list))
     if missing:

@@ -15,9 +15,8 @@ import os
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
-from study.global_start import CONFIGS  # train.yaml + pretrain.yaml, as the global stage reads them
+from study.configs import read_configs
 
 
 def slice_similarity(slices: torch.Tensor, volume: np.ndarray, partition: np.ndarray) -> dict[str, float]:
@@ -39,9 +38,7 @@ def slice_similarity(slices: torch.Tensor, volume: np.ndarray, partition: np.nda
 
 def main(dataset_dir: str) -> dict[str, float]:
     """Every slice of the datalist's ``pretrain`` volumes, pre-processed as pre-training sees them (the disk cache)."""
-    parser = ConfigParser()
-    parser.read_config(CONFIGS)
-    parser.update({"dataset_dir": os.path.abspath(dataset_dir)})
+    parser = read_configs(("train.yaml", "pretrain.yaml"), {"dataset_dir": os.path.abspath(dataset_dir)})
     volumes = parser.get_parsed_content("unlabelled#dataset")
     num_partitions = parser.get_parsed_content("num_partitions")
     slices, volume, partition = [], [], []

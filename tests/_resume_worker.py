@@ -36,7 +36,7 @@ def toy(path, run: dict | None, resume: bool = False) -> Engine:
         return {"loss": loss.detach()}
 
     engine = Engine(step)
-    TrainingState(str(path), {"model": net, "optimizer": opt}, stage="toy", resume=resume, run=run).attach(engine)
+    TrainingState(str(path), {"model": net, "optimizer": opt}, stage="toy", resume=resume, record=run).attach(engine)
     return engine
 
 

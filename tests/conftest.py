@@ -1,6 +1,7 @@
 """What the test files share: the repository's paths, tiny networks and budgets, the one way the tests run the bundle's
-commands (``python -m monai.bundle`` in a subprocess, also under torchrun), a small prepared dataset, and the one NIfTI
-writer of hand-made volumes.
+commands (``python -m monai.bundle`` in a subprocess, also under torchrun), a small prepared dataset (made once per
+session for the modules that only read it: the ``prepared_data`` fixture), and the one NIfTI writer of hand-made
+volumes.
 
 The test files import these names (``from conftest import ROOT, run, write_nifti``): pytest puts this folder on
 ``sys.path`` (``tests`` has no ``__init__.py``) and loads this file once as the module ``conftest``.
@@ -85,9 +86,21 @@ def prepare(work: Path) -> list[str]:
     return ["--dataset_dir", str(data)]
 
 
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> list[str]:
+    """``prepare``'s dataset, made once per test session; the ``--dataset_dir`` arguments. For modules that only read
+    it (their runs write under their own ``paths``); a module that changes the data prepares its own."""
+    return prepare(tmp_path_factory.mktemp("prepared"))
+
+
 def paths(work: Path, name: str) -> list[str]:
     """``--model_dir`` and ``--output_dir`` of one run, under ``work/name``."""
     return ["--model_dir", str(work / name / "models"), "--output_dir", str(work / name / "eval")]
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text`` (a command's one-line ``ERROR: ...`` report)."""
+    return [line for line in text.splitlines() if line.strip()][-1]
 
 
 def write_nifti(path, array, affine=None, spacing=None) -> str:
@@ -113,7 +126,7 @@ RELEASE_FILES = ("model.pt", "pretrained_global.pt", "pretrained_local.pt", "com
 def release_untouched():
     """The committed release in bundle/models is never written by a test: its files' sha256 after the session equal
     those before (a test that wrote there fails the session at teardown)."""
-    from scripts.checkpoints import file_hash
+    from scripts.files import file_hash
 
     def hashes():
         return {name: file_hash(str(BUNDLE / "models" / name)) if (BUNDLE / "models" / name).is_file() else None

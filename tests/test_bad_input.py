@@ -232,12 +232,12 @@ def test_a_truncated_cache_entry_is_recomputed_with_a_warning_naming_it(tmp_path
 def test_metric_csvs_are_written_through_a_temporary_file_in_their_folder(tmp_path, monkeypatch):
     from ignite.engine import Engine
 
-    import scripts.checkpoints as checkpoints
+    import scripts.engines as engines
     from scripts.engines import NamedMetricsSaver
 
     copied = []
-    real_copy = checkpoints.atomic_copy
-    monkeypatch.setattr(checkpoints, "atomic_copy", lambda source, path: copied.append(path) or real_copy(source, path))
+    real_copy = engines.atomic_copy
+    monkeypatch.setattr(engines, "atomic_copy", lambda source, path: copied.append(path) or real_copy(source, path))
     engine = Engine(lambda e, b: None)
     engine.state.metrics = {"mean_dice": 0.5}
     engine.state.metric_details = {"mean_dice": torch.tensor([[0.4, 0.6], [0.5, 0.5]])}
@@ -253,7 +253,7 @@ def test_metric_csvs_are_written_through_a_temporary_file_in_their_folder(tmp_pa
 def test_the_packer_hashes_the_weight_copies_it_ships(tmp_path, monkeypatch):
     import yaml
 
-    import scripts.checkpoints as checkpoints
+    import scripts.files as files
     from study import release
 
     models = tmp_path / "models"
@@ -261,7 +261,7 @@ def test_the_packer_hashes_the_weight_copies_it_ships(tmp_path, monkeypatch):
     contract = release.read_metadata()["data_contract"]
     for index, name in enumerate(("pretrained_global.pt", "pretrained_local.pt")):
         torch.save({"model": {"w": torch.full((2,), float(index))}, "contract": contract}, models / name)
-    real_copy = checkpoints.atomic_copy
+    real_copy = files.atomic_copy
 
     def copy_then_change_source(source, path):  # the source changes while the pack runs (e.g. a training writes it)
         written = real_copy(source, path)
@@ -269,7 +269,7 @@ def test_the_packer_hashes_the_weight_copies_it_ships(tmp_path, monkeypatch):
             f.write(b"changed")
         return written
 
-    monkeypatch.setattr(checkpoints, "atomic_copy", copy_then_change_source)
+    monkeypatch.setattr(files, "atomic_copy", copy_then_change_source)
     written = release.pack(url="https://example.org/v{version}", models_dir=str(models), dist_dir=str(tmp_path / "d"),
                            dataset="test bytes", data_licence="none")
     for entry in yaml.safe_load(open(written["large_files"]))["large_files"]:

@@ -20,10 +20,6 @@ FINE_TUNE = [*br.TINY, *br.FINETUNE, "--use_pretrained", "False", "--num_labelle
 TINY_INFERENCE = br.TINY_INFERENCE
 
 
-def last_line(result) -> str:
-    return [line for line in result.stderr.splitlines() if line.strip()][-1]
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A prepared tiny dataset and a fine-tuning of 1 epoch (its training state and model.pt)."""
@@ -57,7 +53,7 @@ def test_a_nan_voxel_in_a_fine_tuning_volume_stops_naming_the_file(work):
     result = br.run(work, "run", "--config_file", br.config("train.yaml"), *data, "--datalist_file", datalist,
                     *br.paths(work, "nan"), *FINE_TUNE, expect=None)
     assert result.returncode != 0
-    assert last_line(result) == f"ERROR: {work / 'data' / 'nan_image.nii.gz'}: 1 NaN/Inf intensities", \
+    assert br.last_line(result.stderr) == f"ERROR: {work / 'data' / 'nan_image.nii.gz'}: 1 NaN/Inf intensities", \
         result.stderr[-3000:]
 
 
@@ -67,7 +63,7 @@ def test_a_datalist_entry_without_a_label_is_named(work):
     result = br.run(work, "run", "--config_file", br.config("train.yaml"), *data, "--datalist_file", datalist,
                     *br.paths(work, "nolabel"), *FINE_TUNE, expect=None)
     assert result.returncode != 0
-    line = last_line(result)
+    line = br.last_line(result.stderr)
     assert line.startswith(f"ERROR: datalist {datalist}: entry 0 of 'labelled_1_0' (") and line.endswith(
         "has no 'label' path; every entry of 'labelled_1_0' needs 'image' and 'label'."), result.stderr[-3000:]
 
@@ -79,7 +75,7 @@ def test_resuming_another_runs_state_is_refused_and_model_pt_kept(work):
     result = br.run(work, "run", "--config_file", br.config("train.yaml"), *data, *br.paths(work, "ft"), *FINE_TUNE,
                     "--max_epochs", "2", "--learning_rate", "0.5", "--resume", "True", expect=None)
     assert result.returncode != 0
-    assert last_line(result) == (
+    assert br.last_line(result.stderr) == (
         f"ERROR: training state {models / 'state_train.pt'}: it was written by another run (learning_rate = 0.001 in "
         "the state, 0.5 now); resume with the same settings; delete it to start the stage again."
     ), result.stderr[-3000:]
@@ -100,8 +96,9 @@ def test_inputs_of_the_same_name_in_two_folders_are_refused_or_kept_apart(work):
                  str(work / "ft" / "models" / "model.pt"), "--output_dir", str(work / "out"), *TINY_INFERENCE]
     refused = br.run(work, "run", *arguments, expect=None)  # one output folder: refused before writing anything
     assert refused.returncode != 0 and not (work / "out").exists()
-    assert last_line(refused).startswith("ERROR: 1 output name(s) would be written twice, nothing was written: "
-                                         f"{work / 'inputs' / 'p0' / 'image.nii.gz'} and "), refused.stderr[-3000:]
+    assert br.last_line(refused.stderr).startswith(
+        "ERROR: 1 output name(s) would be written twice, nothing was written: "
+        f"{work / 'inputs' / 'p0' / 'image.nii.gz'} and "), refused.stderr[-3000:]
     br.run(work, "run", *arguments, "--keep_folders", "True")
     written = sorted(str(p.relative_to(work / "out")) for p in (work / "out").rglob("*.nii.gz"))
     assert written == ["p0/image_seg.nii.gz", "p1/image_seg.nii.gz"]
@@ -116,10 +113,11 @@ def test_pretraining_resume_with_another_temperature_is_refused(work):
     result = br.run(work, "run", "pretrain", "--config_file", configs, *data, *br.paths(work, "pre"), *br.TINY,
                     *br.PRETRAIN, "--global#temperature", "0.5", "--resume", "True", expect=None)
     assert result.returncode != 0
-    line = last_line(result)
+    line = br.last_line(result.stderr)
     assert line.startswith(f"ERROR: training state {work / 'pre' / 'models' / 'state_global.pt'}: it was written by "
                            "another run (loss = [\"domain\", 0.2, 0.35] in the state, [\"domain\", 0.5, 0.35] now)"), \
         result.stderr[-3000:]
     result = br.run(work, "run", "pretrain", "--config_file", configs, *data, *br.paths(work, "pre"), *br.TINY,
                     *br.PRETRAIN, "--local#temperature", "0.5", "--resume", "True", expect=None)
-    assert "it was written by another run (loss = [\"random\", 0.1," in last_line(result), result.stderr[-3000:]
+    line = br.last_line(result.stderr)
+    assert "it was written by another run (loss = [\"random\", 0.1," in line, result.stderr[-3000:]

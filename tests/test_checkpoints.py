@@ -21,15 +21,9 @@ import torch
 from ignite.engine import Engine
 
 import conftest as br
-from scripts.checkpoints import (
-    CheckpointSaver,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    TrainingState,
-    atomic_save,
-    safe_load,
-)
+from scripts.checkpoints import CheckpointSaver, NonFiniteGuard, NonFiniteLossError, TrainingState
 from scripts.errors import BundleError, MissingFileError
+from scripts.files import atomic_save, safe_load
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -63,7 +57,7 @@ def test_sigkill_during_write_leaves_previous_checkpoint(tmp_path):
     atomic_save({"w": torch.ones(3)}, path)
     script = (
         "import os, signal, torch\n"
-        "from scripts.checkpoints import atomic_save\n"
+        "from scripts.files import atomic_save\n"
         "def killed(obj, f, *a, **k):\n"
         "    f.write(b'PK partial bytes'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = killed\n"
@@ -200,9 +194,9 @@ nan_global: ["$@global#trainer.add_event_handler(@at, @poison)", "$@global#train
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, prepared_data):
     work = tmp_path_factory.mktemp("resume")
-    data = br.prepare(work)
+    data = prepared_data
     (work / "kill.yaml").write_text(KILL)
     return work, data
 

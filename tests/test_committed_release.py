@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import BUNDLE, PRETRAIN, ROOT, config, run
-from scripts.checkpoints import file_hash
+from scripts.files import file_hash
 
 MODELS = BUNDLE / "models"
 SHARED_ACDC = ROOT.parent / "shared" / "data" / "acdc"

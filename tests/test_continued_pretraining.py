@@ -3,13 +3,14 @@
 the local stage from its decoder blocks 1..l, on tiny budgets with the embedded synthetic data."""
 
 import json
+import os
 import re
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import PRETRAIN, TINY, TINY_NETWORK, config, paths, prepare, run
+from conftest import PRETRAIN, TINY, TINY_NETWORK, config, paths, run
 from scripts.errors import BundleError
 from scripts.networks import UNet2D, pretrained_prefixes
 
@@ -23,10 +24,10 @@ def stand_in(path, seed, contract):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, prepared_data):
     work = tmp_path_factory.mktemp("continued")
-    data = prepare(work)
-    contract = json.load(open(work / "data" / "datalist.json"))["contract"]
+    data = prepared_data
+    contract = json.load(open(os.path.join(data[1], "datalist.json")))["contract"]
     release = work / "release_pretrained_local.pt"
     return {"work": work, "data": data, "contract": contract, "release": release,
             "release_state": stand_in(release, 1, contract)}

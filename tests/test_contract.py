@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import conftest as br
-from conftest import CONFIGS, TINY, TINY_INFERENCE, config, write_nifti
+from conftest import CONFIGS, TINY, TINY_INFERENCE, config, last_line, write_nifti
 from scripts.contract import make_contract, resolve
 from scripts.errors import BundleError
 
@@ -31,10 +31,6 @@ def run(cwd, *args, env=None):
 def ok(cwd, *args):
     result = br.run(cwd, "run", *args)
     return result.stdout + result.stderr
-
-
-def last_line(text):
-    return [line for line in text.splitlines() if line.strip()][-1]
 
 
 def files_under(folder):

@@ -8,6 +8,8 @@ plan is finished, restart once more, then write the report (about a minute on 2 
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,10 @@ import yaml
 
 from conftest import ROOT
 from study import folder_report, report
+from study.configs import CONFIGS
 from study.jobs import build_jobs, format_value
 from study.ledger import append_ledger, check_unchanged, jsonable, read_ledger
-from study.plan import CONFIGS, load_plan, normalise_plan
+from study.plan import load_plan, normalise_plan
 from study.results import check_datalist
 
 PLANS = os.path.join(ROOT, "docs", "experiments")
@@ -105,6 +108,92 @@ def test_bad_plans_are_refused(tmp_path, change, message):
         plan = {**yaml.safe_load(f), **change}
     with pytest.raises(ValueError, match=message):
         normalise_plan(plan, experiment_dir=str(tmp_path))
+
+
+@pytest.fixture
+def renamed_configs(tmp_path, monkeypatch):
+    """A function (config, old text, new text) that rewrites a copy of bundle/configs, which study.configs reads from
+    then on (and forgets again after the test)."""
+    import study.configs
+
+    copy = tmp_path / "configs"
+    shutil.copytree(CONFIGS, copy)
+    monkeypatch.setattr(study.configs, "CONFIGS", str(copy))
+
+    def rename(name, old, new):
+        text = (copy / name).read_text()
+        assert old in text
+        (copy / name).write_text(text.replace(old, new))
+        study.configs.reset()
+
+    yield rename
+    monkeypatch.undo()
+    study.configs.reset()
+
+
+@pytest.mark.parametrize("name, old, new, missing", [
+    ("train.yaml", "\ntrain_key:", "\ntraining_key:", "'train_key' in train.yaml"),   # the datalist key of a subset
+    ("select.yaml", "\nselection_pool:", "\npool:", "'selection_pool' in train.yaml + select.yaml"),   # the pool
+    ("pretrain.yaml", "final_filename: pretrained_local.pt", "filename: pretrained_local.pt",
+     "final_filename of the CheckpointSaver in pretrain.yaml's local#handlers"),      # the local checkpoint's name
+    ("pretrain.yaml", "tag_name: global_loss", "tag: global_loss",
+     "tag_name of the TensorBoardStatsHandler in pretrain.yaml's global#handlers"),   # the loss curves' tag
+])
+def test_a_config_key_the_runner_uses_renamed_stops_the_plan_at_load(tmp_path, renamed_configs, name, old, new,
+                                                                     missing):
+    """Renaming a config key the runner reads or sets stops the plan when it is loaded, in one line naming it."""
+    renamed_configs(name, old, new)
+    with pytest.raises(ValueError, match=re.escape(missing)) as error:
+        plan_jobs("smoke.yaml", tmp_path)
+    assert "\n" not in str(error.value) and "smoke.yaml" in str(error.value)
+
+
+def test_the_runner_follows_the_names_the_configs_give(tmp_path, renamed_configs):
+    """The checkpoint, TensorBoard folder and datalist keys the runner uses are read from the configs: renamed
+    there, the plan's jobs use the new names (nothing in the study to change)."""
+    renamed_configs("pretrain.yaml", "final_filename: pretrained_global.pt", "final_filename: encoder.pt")
+    renamed_configs("pretrain.yaml", "'/pretrain_local'", "'/local_logs'")
+    renamed_configs("train.yaml", "'labelled_%d_%d'", "'subset_%d_%d'")
+    plan, jobs = plan_jobs("smoke.yaml", tmp_path)
+    stage = next(j for j in jobs.values() if j.kind == "global")
+    assert stage.info["checkpoint"].endswith(os.path.join("models", "encoder.pt"))
+    local = next(j for j in jobs.values() if j.kind == "local")
+    assert option(local.steps[0][1], "local#global_checkpoint").endswith("encoder.pt")
+    assert local.info["log_dir"].endswith(os.path.join("eval", "local_logs"))
+    subset = next(j for j in jobs.values() if j.kind == "finetune" and "subset" in j.id)
+    assert subset.info["train_key"].startswith("subset_")
+
+
+@pytest.mark.parametrize("name", ["acdc_cpu.yaml", "selection_acdc.yaml"])
+def test_every_key_the_runner_sets_is_one_it_checks(tmp_path, name):
+    """What the jobs' commands set beyond the plan's own overrides is in study.configs.RUNNER_KEYS (the keys checked
+    against the configs at load), and each command's run id in RUN_IDS: the check covers what the runner uses."""
+    from study.configs import RUN_IDS, RUNNER_KEYS
+
+    plan, jobs = plan_jobs(name, tmp_path)
+    given = set(plan["dataset"]["overrides"]) | {k for section in plan["protocol"].values() for k in section}
+    given |= {k for init in plan["initialisations"] for k in (*init["pretrain"], *init["finetune"])}
+    given |= set((plan["benchmark"] or {}).get("finetune", {}))
+    for job in jobs.values():
+        for _, command in job.steps:
+            files = option(command, "config_file")
+            names = tuple(os.path.basename(f) for f in (json.loads(files) if files.startswith("[") else [files]))
+            run_id = command[command.index("run") + 1]
+            assert run_id in RUN_IDS.get(names, ()) or run_id == plan["dataset"]["prepare"], (job.id, run_id)
+            flags = {word[2:] for word in command if word.startswith("--")} - {"config_file"} - given
+            assert flags <= set(RUNNER_KEYS[names]), (job.id, sorted(flags - set(RUNNER_KEYS[names])))
+
+
+def test_a_prepared_dataset_without_the_planned_subsets_is_refused_at_load(tmp_path):
+    with open(os.path.join(PLANS, "smoke.yaml")) as f:
+        plan = yaml.safe_load(f)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "datalist.json").write_text(json.dumps({"pretrain": [], "labelled_1_0": [], "validation": []}))
+    plan["dataset"] = {"prepare": None, "dataset_dir": str(data)}
+    plan["labelled"], plan["benchmark"] = {1: [0, 1]}, None
+    with pytest.raises(ValueError, match=re.escape("has no ['labelled_1_1']")):
+        normalise_plan(plan, experiment_dir=str(tmp_path / "exp"))
 
 
 def test_the_benchmark_may_have_its_own_budget(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import conftest as br
-from scripts.checkpoints import safe_load
+from scripts.files import safe_load
 
 WORLD = 2
 RECORD = """# test overlay: every rank records (stage, epoch, volume) of each pre-training batch, then writes them down
@@ -33,9 +33,9 @@ pretrain_recorded:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, prepared_data):
     work = tmp_path_factory.mktemp("multi_gpu")
-    data = br.prepare(work)
+    data = prepared_data
     (work / "record.yaml").write_text(RECORD)
     out = br.paths(work, "ddp")
     logs = {}

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from conftest import TINY_NETWORK
 from scripts.errors import BundleError
 from scripts.networks import GlobalContrastiveNet, LocalContrastiveNet, UNet2D, load_pretrained, unet_shape
-
-TINY = {"encoder_channels": (4, 8, 8, 8, 8, 8), "decoder_channels": (8, 8, 8, 8, 4)}
 
 
 def test_reference_unet_shapes():
@@ -21,7 +20,7 @@ def test_reference_unet_shapes():
 
 
 def test_tiny_widths_and_validation():
-    net = UNet2D(1, 3, **TINY)
+    net = UNet2D(1, 3, **TINY_NETWORK)
     assert net(torch.rand(1, 1, 64, 64)).shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="decoder_channels"):
         UNet2D(1, 3, encoder_channels=(4, 8, 8), decoder_channels=(8,))
@@ -32,12 +31,12 @@ def test_tiny_widths_and_validation():
 
 
 def test_global_head_embeddings():
-    net = GlobalContrastiveNet(UNet2D(1, 4, **TINY), image_size=64, hidden_features=32, out_features=16)
+    net = GlobalContrastiveNet(UNet2D(1, 4, **TINY_NETWORK), image_size=64, hidden_features=32, out_features=16)
     assert net(torch.rand(5, 1, 64, 64)).shape == (5, 16)
 
 
 def test_local_stage_freezes_encoder_weights_and_batchnorm_statistics():
-    unet = UNet2D(1, 4, **TINY)
+    unet = UNet2D(1, 4, **TINY_NETWORK)
     local = LocalContrastiveNet(unet, decoder_blocks=3).train()
     assert not any(p.requires_grad for p in unet.encoder.parameters())
     assert all(p.requires_grad for p in unet.decoder[:3].parameters())
@@ -52,14 +51,14 @@ def test_local_stage_freezes_encoder_weights_and_batchnorm_statistics():
 
 
 def test_load_pretrained_copies_encoder_and_first_decoder_blocks_only(tmp_path):
-    source = UNet2D(1, 4, **TINY)
+    source = UNet2D(1, 4, **TINY_NETWORK)
     with torch.no_grad():
         for p in source.parameters():
             p.fill_(0.5)
     source.encoder[0][1].running_mean.fill_(3.0)
     path = tmp_path / "pretrained.pt"
     torch.save(source.state_dict(), path)
-    target = UNet2D(1, 4, **TINY)
+    target = UNet2D(1, 4, **TINY_NETWORK)
     untouched = {k: v.clone() for k, v in target.state_dict().items()}
     load_pretrained(target, str(path), decoder_blocks=2)
     state = target.state_dict()
@@ -72,7 +71,7 @@ def test_load_pretrained_copies_encoder_and_first_decoder_blocks_only(tmp_path):
 
 
 def test_load_pretrained_errors_and_random_init(tmp_path):
-    net = UNet2D(1, 4, **TINY)
+    net = UNet2D(1, 4, **TINY_NETWORK)
     assert load_pretrained(net, None) is net
     other = tmp_path / "other.pt"
     torch.save(UNet2D(1, 4).state_dict(), other)  # reference widths: shapes differ
@@ -87,13 +86,13 @@ def test_load_pretrained_errors_and_random_init(tmp_path):
 
 
 def test_torchscript_matches_eager():
-    net = UNet2D(1, 4, **TINY).eval()
+    net = UNet2D(1, 4, **TINY_NETWORK).eval()
     x = torch.rand(2, 1, 64, 64)
     torch.testing.assert_close(torch.jit.script(net)(x), net(x))
 
 
 def test_global_head_batch_norm_option():
-    unet = UNet2D(1, 4, **TINY)
+    unet = UNet2D(1, 4, **TINY_NETWORK)
     paper = GlobalContrastiveNet(unet, image_size=64, hidden_features=32, out_features=16)
     batch = GlobalContrastiveNet(unet, image_size=64, hidden_features=32, out_features=16, head_norm="batch")
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in paper.head.modules())

@@ -9,7 +9,7 @@ import torch
 from monai.losses import DiceCELoss
 
 import conftest as br
-from scripts.checkpoints import atomic_save, file_hash, safe_load
+from scripts.files import atomic_save, file_hash, safe_load
 from scripts.pseudo_labels import IGNORE, IgnoreMaskedLoss
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import conftest as br
-from scripts.checkpoints import safe_load
+from scripts.files import safe_load
 from scripts.networks import UNet2D
 from scripts.semi_supervised import (
     MixupBatch,

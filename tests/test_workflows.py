@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import BUNDLE, CONFIGS, ROOT, TINY, TINY_INFERENCE, TINY_NETWORK, config, run
 
@@ -23,6 +23,14 @@ def bundle(cwd, *args, pythonpath=False):
     need it on PYTHONPATH, as the README says."""
     result = run(cwd, *args, timeout=None, env={"PYTHONPATH": str(BUNDLE)} if pythonpath else None)
     return result.stdout + result.stderr
+
+
+def handler_index(stage: str, target: str) -> int:
+    """The index of the handler ``target`` (its ``_target_``) in pretrain.yaml's ``<stage>#handlers``."""
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, name) for name in ("train.yaml", "pretrain.yaml")])
+    targets = [h.get("_target_") if isinstance(h, dict) else h for h in parser[f"{stage}#handlers"]]
+    return targets.index(target)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +47,9 @@ def workspace(tmp_path_factory):
                               *TINY, "--global#max_iterations", "4", "--local#max_iterations", "4",
                               "--pretrain_epoch_length", "2", "--global#volumes_per_batch", "2",
                               "--local#volumes_per_batch", "2", "--global#hidden_features", "16",
-                              "--global#embedding_features", "8", "--global#lr_decay", "cosine")
+                              "--global#embedding_features", "8", "--global#lr_decay", "cosine",
+                              f"--local#handlers#{handler_index('local', 'TensorBoardStatsHandler')}#_disabled_",
+                              "True")
     logs["train"] = bundle(work, "run", "--config_file", config("train.yaml"), *paths, *TINY, "--max_epochs", "2",
                            "--iterations_per_epoch", "2", "--batch_size", "4")
     logs["evaluate"] = bundle(work, "run", "--config_file", config("train.yaml", "evaluate.yaml"), *paths, *TINY)
@@ -68,6 +78,27 @@ def test_pretraining_writes_both_stages(workspace):
         stop = json.loads((work / "eval" / f"pretrain_{stage}_stop.json").read_text())
         assert stop["stage"] == stage and stop["reason"] == reason and stop["iteration"] == 4
         assert f"pretrain-{stage}: stopped at iteration 4" in logs["pretrain"]
+
+
+def test_one_override_removes_a_handler_from_one_stage(workspace):
+    """The workspace's pre-training ran with --local#handlers#<i>#_disabled_ True on the local TensorBoard handler:
+    the global stage wrote its TensorBoard log, the local stage none, and both stages still ran to their end."""
+    work, logs = workspace
+    assert any((work / "eval" / "pretrain_global").iterdir())
+    assert not (work / "eval" / "pretrain_local").exists()
+    assert "pretrain-local: stopped at iteration 4" in logs["pretrain"]
+
+
+def test_no_block_of_six_lines_appears_twice_in_pretrain_yaml():
+    """pretrain.yaml writes each thing once: no run of six lines (comment lines and blank lines left out, spaces
+    folded) stands in it twice."""
+    lines = [" ".join(line.split()) for line in open(os.path.join(CONFIGS, "pretrain.yaml")).read().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    seen = {}
+    for start in range(len(lines) - 5):
+        block = tuple(lines[start:start + 6])
+        assert block not in seen, f"lines {seen[block]} and {start} (of the non-blank lines) repeat: {block}"
+        seen[block] = start
 
 
 def test_fine_tuning_starts_from_pretraining_and_selects_on_validation(workspace):

@@ -1,13 +1,7 @@
-"""Checkpoints that stay whole and safe, resuming a stage, and the non-finite-loss guard.
+"""The training state of a stage: its checkpoints, resuming it bit for bit, and the non-finite-loss guard.
 
-- ``atomic_write(path, write)`` (and ``atomic_save``, ``atomic_write_json``, ``atomic_write_text``, ``atomic_copy``):
-  a temporary file in the same folder, flush, fsync, ``os.replace``, fsync of the folder. A crash or a kill at any
-  point leaves either the previous file or the new one, never a part.
-- ``safe_load(path)``: ``torch.load(..., weights_only=True)``. A missing, empty, truncated or corrupt file, or a
-  pickle that would run code, raises a ``BundleError`` (``MissingFileError``) whose one-line message names the file
-  and the problem. Nothing else is ever unpickled.
-- ``CheckpointSaver``: MONAI's handler, writing through ``atomic_save`` (MONAI's own writes in place) and never
-  writing its final checkpoint when the stage stopped on a non-finite loss. Same arguments, same files.
+- ``CheckpointSaver``: MONAI's handler, writing through ``scripts.files.atomic_save`` (MONAI's own writes in place)
+  and never writing its final checkpoint when the stage stopped on a non-finite loss. Same arguments, same files.
 - ``TrainingState``: a handler that saves what a stage needs to continue bit for bit every ``interval`` epochs
   (model, optimiser, trainer iteration/epoch, every rank's torch/numpy/python RNGs and the RandomState of the
   MONAI ``Randomizable`` transforms, the best validation metric and the best-model saver's record) and, with
@@ -17,20 +11,15 @@
 
 Granularity: the training state is saved at epoch boundaries (``iterations_per_epoch`` in fine-tuning,
 ``pretrain_epoch_length`` in pre-training); a stage killed mid-epoch resumes from the last completed saved epoch.
+Writing files atomically, loading them safely and hashing them is ``scripts.files``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import pickle
 import random
-import re
-import shutil
-import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,125 +32,22 @@ from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 from monai.transforms import Randomizable
 
 from scripts.distributed import rank_and_world_size
-from scripts.errors import BundleError, MissingFileError
+from scripts.errors import BundleError
+from scripts.files import atomic_save, file_hash, safe_load
 
 __all__ = [
-    "atomic_write",
-    "atomic_save",
-    "atomic_write_json",
-    "atomic_write_text",
-    "atomic_copy",
-    "safe_load",
     "CheckpointSaver",
     "TrainingState",
     "NonFiniteGuard",
     "NonFiniteLossError",
     "STATE_FORMAT",
+    "find_randomizables",
+    "plain_settings",
 ]
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "contrastive-seg-training-state/1"  # the "format" entry of every training-state file
-
-
-# ---------------------------------------------------------------- atomic writes and safe reads
-def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> str:
-    """Write ``path`` atomically: ``write(file)`` fills a temporary file in the same folder (so the rename never
-    crosses file systems), which is flushed and fsync-ed, then ``os.replace``-d onto ``path``; the folder is fsync-ed
-    so that the rename itself survives a power cut. On an exception the temporary file is removed and ``path`` is
-    untouched; after a SIGKILL a ``.<name>.*.tmp`` file may stay behind, ``path`` is still the previous complete file.
-    Every file the bundle writes goes through this. Returns ``path`` as a string."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(mode="wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it owner-only
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.remove(handle.name)
-        raise
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder; the rename is done, only its durability is weaker
-        return str(path)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return str(path)
-
-
-def atomic_write_json(obj, path: str | os.PathLike, indent: int = 2) -> str:
-    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically (``atomic_write``)."""
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent) + "\n"), binary=False)
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> str:
-    """Write ``text`` to ``path`` atomically (``atomic_write``)."""
-    return atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> str:
-    """Copy the file ``source`` to ``path`` atomically (``atomic_write``)."""
-    def copy(f):
-        with open(source, "rb") as original:
-            shutil.copyfileobj(original, f, 1 << 20)
-
-    return atomic_write(path, copy)
-
-
-def atomic_save(obj, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` atomically (``atomic_write``); returns ``path`` as a string."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
-
-
-def require(path: str | os.PathLike, what: str = "checkpoint") -> str:
-    """``path`` when it is a file, else ``MissingFileError`` naming it (e.g. inference.yaml checks its weights first:
-    its network can be built without them, from metadata.json's contract, but not run)."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{what} {path} not found: run the workflow that writes it or give the right path.")
-    return str(path)
-
-
-def safe_load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint"):
-    """``torch.load(path, weights_only=True)``, with every failure turned into a one-line ``BundleError``.
-
-    Args:
-        path: the file.
-        map_location: as for ``torch.load``.
-        what: what the file is, for the messages ("training state", "checkpoint", ...).
-
-    Raises:
-        MissingFileError: no such file.
-        BundleError: the file is empty, truncated or corrupt, or holds Python objects (a pickle that would import
-            or call code, e.g. ``os.system``), which ``weights_only=True`` refuses. The message names the file.
-    """
-    path = require(path, what)
-    if os.path.getsize(path) == 0:
-        raise BundleError(f"{what} {path} is empty (0 bytes): the write that made it did not finish; delete it.")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = _UNSAFE_GLOBAL.search(str(error))
-        culprit = f" (it asks for {found.group(1)})" if found else ""
-        raise BundleError(
-            f"{what} {path} refused: it holds Python objects that could run code when unpickled{culprit}; only "
-            "plain tensors and containers are loaded (weights_only=True). Use a checkpoint you trust and re-save it."
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BundleError(
-            f"{what} {path} is truncated or corrupt ({reason}); delete it or restore a good copy."
-        ) from error
 
 
 # ---------------------------------------------------------------- MONAI's CheckpointSaver, written atomically
@@ -263,19 +149,6 @@ def _set_rng_states(states: Mapping, randomizables: Sequence[Randomizable]) -> N
 
 
 # ---------------------------------------------------------------- training state: save every N epochs, resume
-def file_hash(path) -> str | None:
-    """sha256 (hex) of the file at ``path``; None when ``path`` is None or empty (no file used)."""
-    if not path:
-        return None
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{path} not found.")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def plain_settings(settings: Mapping | None) -> dict | None:
     """``settings`` as plain JSON values (tuples become lists, other objects their ``str``), what a training state
     stores and compares."""
@@ -302,7 +175,7 @@ class TrainingState:
         evaluator: the validation engine: its ``best_metric`` / ``best_metric_epoch`` are saved and restored.
         savers: ``CheckpointSaver`` s whose best-model record (scores and file names) is saved and restored, so
             that model selection after a resume compares with the best before it.
-        run: the settings that determine the stage's result (resolved hyper-parameters, datalist file and key, the
+        record: the settings that determine the stage's result (resolved hyper-parameters, datalist file and key, the
             initialisation and its checkpoint's ``file_hash``, the data contract, the seed; not the epoch budget),
             stored in the state; on resume a state written with other values is refused, naming each difference.
 
@@ -330,7 +203,7 @@ class TrainingState:
         samplers: Sequence = (),
         evaluator: Engine | None = None,
         savers: Sequence = (),
-        run: Mapping | None = None,
+        record: Mapping | None = None,
     ):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int, got {interval!r}.")
@@ -340,7 +213,7 @@ class TrainingState:
         self.randomizables = find_randomizables(randomizables) if randomizables is not None else []
         self.samplers, self.evaluator = list(samplers), evaluator
         self.savers = [s._key_metric_checkpoint for s in savers if getattr(s, "_key_metric_checkpoint", None)]
-        self.run = plain_settings(run)
+        self.record = plain_settings(record)
 
     def attach(self, engine: Engine) -> None:
         engine.training_state_path = self.path
@@ -385,8 +258,8 @@ class TrainingState:
             "rng": rng,
             "savers": [s.state_dict() for s in self.savers],
         }
-        if self.run is not None:
-            state["run"] = self.run
+        if self.record is not None:
+            state["record"] = self.record
         if self.evaluator is not None:
             state["best"] = {"metric": float(self.evaluator.state.best_metric),
                              "epoch": int(self.evaluator.state.best_metric_epoch)}
@@ -485,14 +358,14 @@ class TrainingState:
         saved_length = state["trainer"].get("epoch_length")
         if engine.state.epoch_length is not None and saved_length != engine.state.epoch_length:
             refuse(f"its epochs have {saved_length} iterations, this run's have {engine.state.epoch_length}")
-        if self.run is not None:
-            saved = state.get("run")
+        if self.record is not None:
+            saved = state.get("record")
             if saved is None:
                 refuse("it records no run settings (written by an older version), so it cannot be checked against "
                        "this run")
-            changed = [k for k in sorted(set(saved) | set(self.run)) if saved.get(k) != self.run.get(k)]
+            changed = [k for k in sorted(set(saved) | set(self.record)) if saved.get(k) != self.record.get(k)]
             if changed:
-                listing = "; ".join(f"{k} = {_short(saved.get(k))} in the state, {_short(self.run.get(k))} now"
+                listing = "; ".join(f"{k} = {_short(saved.get(k))} in the state, {_short(self.record.get(k))} now"
                                     for k in changed)
                 refuse(f"it was written by another run ({listing}); resume with the same settings")
         epochs = state["trainer"]["iteration"] // max(1, saved_length or 1)

@@ -47,7 +47,7 @@ def compare(
     text = "\n\n".join(parts)
     print(text)
     if output:
-        from scripts.checkpoints import atomic_write_text
+        from scripts.files import atomic_write_text
 
         atomic_write_text(text + "\n", output)
 

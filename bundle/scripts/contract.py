@@ -22,8 +22,8 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from scripts.checkpoints import atomic_write_json, safe_load
 from scripts.errors import BundleError, MissingFileError
+from scripts.files import atomic_write_json, safe_load
 
 logger = logging.getLogger(__name__)
 

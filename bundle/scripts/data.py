@@ -37,13 +37,14 @@ from monai.data.image_reader import ImageReader
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from scripts.checkpoints import atomic_save, atomic_write_json
 from scripts.errors import BundleError, MissingFileError
+from scripts.files import atomic_save, atomic_write_json
 from scripts.sampler import partition_of
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("pretrain", "validation", "test")
+ALL_LABELLED, UNLABELLED = "labelled_all", "unlabelled"   # the training pool's labelled and unlabelled volumes
 
 
 def split_patients(
@@ -94,8 +95,8 @@ def split_patients(
     pool_patients = sorted({c["patient"] for c in labelled_pool})
     datalist = {
         "pretrain": [{k: v for k, v in c.items() if k != "label"} for c in pool],
-        "labelled_all": list(labelled_pool),
-        "unlabelled": [c for c in pool if c.get("label") is None],
+        ALL_LABELLED: list(labelled_pool),
+        UNLABELLED: [c for c in pool if c.get("label") is None],
         "validation": [c for c in labelled if c["patient"] in validation],
         "test": [c for c in labelled if c["patient"] in test],
     }

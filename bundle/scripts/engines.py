@@ -9,7 +9,6 @@ AMP, gradient accumulation, events and handlers all come from the trainer.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import os
@@ -18,9 +17,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+import ignite.distributed as idist
 import torch
-from monai.handlers import MetricsSaver
+from monai.handlers import MetricsSaver, write_metrics_reports
+from monai.utils import string_list_all_gather
 from torch import nn
+
+from scripts.files import atomic_copy, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -118,33 +121,44 @@ class LossProgressBar:
 
 
 class NamedMetricsSaver(MetricsSaver):
-    """MONAI's ``MetricsSaver`` whose per-class columns and rows carry the class names (``class_names``, foreground
-    classes in order) instead of ``class0, class1, ...``, and whose files are written atomically (MONAI writes them
-    into a temporary folder inside ``save_dir``; each is then copied into place with ``atomic_copy``, so a reader
-    never sees a half-written CSV); everything else is MONAI's."""
+    """MONAI's ``MetricsSaver`` (same arguments, events and files) whose per-class columns and rows carry the class
+    names (``class_names``, foreground classes in order) instead of ``class0, class1, ...``, and whose files are
+    written atomically.
+
+    ``MetricsSaver`` collects the image names; its call at the end of an evaluation is ours: it selects the metrics
+    and metric details as MONAI's does and hands them to MONAI's public ``write_metrics_reports`` with
+    ``class_labels`` (which ``MetricsSaver`` does not pass on, monai 1.6), into a temporary folder inside
+    ``save_dir``; each file is then copied into place with ``atomic_copy``, so a reader never sees a half-written CSV.
+    """
 
     def __init__(self, class_names: Sequence[str], **kwargs):
         super().__init__(**kwargs)
         self.class_names = [str(n) for n in class_names]
 
+    @staticmethod
+    def _chosen(values: dict, wanted: tuple | None) -> dict:
+        """The entries of ``values`` named in ``wanted`` (all with "*"; none when ``wanted`` is None)."""
+        return {} if wanted is None else {k: v for k, v in values.items() if k in wanted or "*" in wanted}
+
     def __call__(self, engine) -> None:
-        # MetricsSaver does not pass class labels on to write_metrics_reports (monai 1.6): supply them for this call
-        import monai.handlers.metrics_saver as saver
-
-        from scripts.checkpoints import atomic_copy
-
-        original, save_dir = saver.write_metrics_reports, self.save_dir
-        saver.write_metrics_reports = functools.partial(original, class_labels=self.class_names)
-        os.makedirs(save_dir, exist_ok=True)
-        self.save_dir = tempfile.mkdtemp(dir=save_dir, prefix=".metrics-")
+        world = idist.get_world_size()
+        if self.save_rank >= world:
+            raise ValueError(f"save_rank {self.save_rank} is not a rank of this run ({world} process(es)).")
+        images = string_list_all_gather(strings=self._filenames) if world > 1 else self._filenames
+        if idist.get_rank() != self.save_rank:
+            return
+        os.makedirs(self.save_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=self.save_dir, prefix=".metrics-")
         try:
-            super().__call__(engine)
-            for name in sorted(os.listdir(self.save_dir)):
-                atomic_copy(os.path.join(self.save_dir, name), os.path.join(save_dir, name))
+            write_metrics_reports(
+                save_dir=staging, images=images or None, metrics=self._chosen(engine.state.metrics, self.metrics),
+                metric_details=self._chosen(getattr(engine.state, "metric_details", {}), self.metric_details),
+                summary_ops=self.summary_ops, deli=self.deli, output_type=self.output_type,
+                class_labels=self.class_names)
+            for name in sorted(os.listdir(staging)):
+                atomic_copy(os.path.join(staging, name), os.path.join(self.save_dir, name))
         finally:
-            saver.write_metrics_reports = original
-            shutil.rmtree(self.save_dir, ignore_errors=True)
-            self.save_dir = save_dir
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class PlateauStop:
@@ -245,7 +259,6 @@ class PlateauStop:
             engine.terminate()
 
     def _completed(self, engine) -> None:
-        from scripts.checkpoints import atomic_write_json
         from scripts.distributed import rank_and_world_size
 
         iteration, loss = self.history[-1] if self.history else (engine.state.iteration, float("nan"))

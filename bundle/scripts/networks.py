@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from scripts.checkpoints import safe_load
 from scripts.contract import check_checkpoint
 from scripts.errors import BundleError, MissingFileError
+from scripts.files import safe_load
 
 logger = logging.getLogger(__name__)
 

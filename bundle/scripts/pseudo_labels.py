@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from scripts.checkpoints import atomic_save, file_hash, safe_load
 from scripts.contract import KEYS, differences
 from scripts.errors import BundleError
+from scripts.files import atomic_save, file_hash, safe_load
 
 __all__ = ["PSEUDO_FORMAT", "IGNORE", "pseudo_label", "PseudoLabelled", "IgnoreMaskedLoss", "exclude_images"]
 

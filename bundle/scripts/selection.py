@@ -33,9 +33,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from scripts.checkpoints import atomic_write, atomic_write_json
 from scripts.data import load_datalist
 from scripts.errors import BundleError
+from scripts.files import atomic_write, atomic_write_json
 from scripts.networks import UNet2D, load_pretrained
 from scripts.sampler import partition_of
 
