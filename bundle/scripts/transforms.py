@@ -1,7 +1,7 @@
 """Pre-processing of 3D volumes and the tensor augmentations of the pre-training stages.
 
 Pre-processing (``preprocessing``) turns a loaded volume into a channel-first (C, H, W, Z) stack of square slices
-with the slice axis last (the steps of docs/design.md, "One image, from disk to the loss"):
+with the slice axis last (the steps of docs/data.md, "Pre-processing"):
 
 1. channel selection for multi-channel (4D) images, label remapping (e.g. MMWHS raw values -> 0..K);
 2. per-volume min-max normalisation between the 1st and 99th intensity percentile, no clipping, on the native volume
