@@ -310,3 +310,26 @@ def test_a_bundle_error_from_a_reimported_scripts_package_is_still_one_line(caps
         assert str(find_bundle_error(error)) == "label.nii.gz: unexpected label values [7]"
         scripts.errors._excepthook(RuntimeError, error, error.__traceback__)
     assert capsys.readouterr().err.splitlines()[-1] == "ERROR: label.nii.gz: unexpected label values [7]"
+
+
+@pytest.mark.parametrize("error, expected", [
+    (NotADirectoryError(20, "Not a directory", "/out/models"), "/out/models: a part of this path is a file"),
+    (FileExistsError(17, "File exists", "/out/eval"), "/out/eval: exists and is not a folder"),
+    (FileNotFoundError(2, "No such file or directory", "/raw/a.nii.gz"), "/raw/a.nii.gz: No such file or directory"),
+    (OSError(28, "No space left on device", "/out/model.pt"), "/out/model.pt: no space left on the device"),
+])
+def test_a_file_system_error_naming_a_file_is_one_line(error, expected, capsys):
+    """Files that change or cannot be written between two steps: the exception hook prints "<file>: <problem>" as
+    the last line (wrapped by MONAI's config errors or not); an OSError naming no file keeps its traceback."""
+    import scripts.errors
+
+    try:
+        try:
+            raise error
+        except OSError as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from inner
+    except RuntimeError as wrapped:
+        scripts.errors._excepthook(RuntimeError, wrapped, wrapped.__traceback__)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"ERROR: {expected}") and "(check the path" in last
+    assert scripts.errors.one_line(OSError("no file named")) is None
