@@ -43,7 +43,7 @@ def test_pseudo_labels_round_and_refusals(tmp_path):
     assert set(labels.unique().tolist()) <= {0, 1, 2, 3, IGNORE}
     _run(tmp_path, data, "--pseudo_threshold", "0.6")  # round 1 fine-tunes on labelled + pseudo-labelled volumes
     state = safe_load(models / "round_1" / "state_train.pt")
-    assert state["run"]["pseudo_labels"]["model_sha256"] == provenance["model_sha256"]
+    assert state["record"]["pseudo_labels"]["model_sha256"] == provenance["model_sha256"]
     assert (models / "round_1" / "model.pt").exists()
 
     # another model: round 0's model.pt changed since the set was made

@@ -187,7 +187,7 @@ def test_switches_off_give_todays_fine_tuning_bit_for_bit_and_on_change_it(work)
     assert _same(off, _weights(work, "today"))
     _fine_tune(work, data, "mixup", args=("--mixup_alpha", "0.4"))
     assert not _same(off, _weights(work, "mixup"))
-    assert safe_load(work / "mixup" / "models" / "state_train.pt")["run"]["mixup_alpha"] == 0.4
+    assert safe_load(work / "mixup" / "models" / "state_train.pt")["record"]["mixup_alpha"] == 0.4
 
 
 def test_consistency_fine_tuning_killed_and_resumed_equals_uninterrupted(work):
@@ -195,7 +195,7 @@ def test_consistency_fine_tuning_killed_and_resumed_equals_uninterrupted(work):
     whole = _fine_tune(work, data, "cons", "consistency.yaml")
     assert "val_mean_dice" in whole.stdout + whole.stderr
     state = safe_load(work / "cons" / "models" / "state_train.pt")
-    assert state["run"]["consistency"]["threshold"] == 0.95
+    assert state["record"]["consistency"]["threshold"] == 0.95
     if (work / "off" / "models" / "state_train.pt").exists():
         assert not _same(_weights(work, "cons"), _weights(work, "off"))
     _fine_tune(work, data, "cons_killed", "consistency.yaml", work / "kill.yaml",
