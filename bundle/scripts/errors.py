@@ -56,15 +56,21 @@ def _is_bundle_error(error: BaseException) -> bool:
     return any(c.__name__ == BundleError.__name__ and c.__module__ == __name__ for c in type(error).__mro__)
 
 
-def find_bundle_error(error: BaseException | None) -> BundleError | None:
-    """The first ``BundleError`` in ``error``'s chain of causes and contexts (``raise ... from``), or None."""
+def _first_in_chain(error: BaseException | None, wanted) -> BaseException | None:
+    """The first exception of ``error``'s chain of causes and contexts (``raise ... from``) for which ``wanted`` is
+    true, or None."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if _is_bundle_error(error):
+        if wanted(error):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def find_bundle_error(error: BaseException | None) -> BundleError | None:
+    """The first ``BundleError`` in ``error``'s chain of causes and contexts (``raise ... from``), or None."""
+    return _first_in_chain(error, _is_bundle_error)
 
 
 # what a file-system error means for the user, where the system's words mislead (errno -> text)
@@ -79,13 +85,7 @@ FILE_PROBLEMS = {
 def find_file_error(error: BaseException | None) -> OSError | None:
     """The first ``OSError`` naming a file (``filename`` set: a folder that is a file, a file that vanished, a disk
     that is full or read-only) in ``error``'s chain, or None: a problem with the user's files, not with the code."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.filename is not None:
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return _first_in_chain(error, lambda e: isinstance(e, OSError) and e.filename is not None)
 
 
 def one_line(error: BaseException | None) -> str | None:
