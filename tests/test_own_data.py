@@ -180,3 +180,15 @@ def test_a_file_in_the_way_of_a_folder_is_one_line_naming_it(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last.startswith(f"ERROR: {tmp_path / 'in_the_way'}")
     assert "(check the path" in last and "Traceback" not in result.stderr
+
+
+def test_evaluation_without_a_test_split_is_one_line(tmp_path):
+    """The folder split has no test volumes by default: evaluating on them says so in one line (MONAI's reader
+    raised an IndexError on an empty 'test' list)."""
+    from scripts.data import load_datalist
+
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"test": [], "unlabelled": []}))
+    with pytest.raises(BundleError, match=r"'test' holds no volume: .*--folder#split#num_test N"):
+        load_datalist(str(path), "test", require_label=True)
+    assert load_datalist(str(path), "unlabelled") == []

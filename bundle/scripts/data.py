@@ -164,7 +164,7 @@ def _is_case_list(value) -> bool:
 def load_datalist(path: str, key: str, require_label: bool = False) -> list[dict]:
     """Entries of ``key`` in the datalist JSON at ``path``, with absolute paths; a one-line error for a missing key,
     an entry that is not ``{"image": path, ...}`` or, with ``require_label`` (fine-tuning, validation, evaluation),
-    an entry without a "label"."""
+    an entry without a "label" or an empty list (e.g. evaluation on a split without test volumes)."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise MissingFileError(f"datalist {path} not found: prepare the data first (prepare.yaml) or point "
@@ -177,6 +177,9 @@ def load_datalist(path: str, key: str, require_label: bool = False) -> list[dict
     keys = [k for k, v in content.items() if isinstance(v, list)]
     if key not in keys:
         raise BundleError(f"datalist {path} has no list '{key}'; it has: {', '.join(keys)}.")
+    if require_label and not content[key]:   # nothing to fine-tune on, validate or evaluate
+        raise BundleError(f"datalist {path}: '{key}' holds no volume: prepare the data with volumes in it (a test "
+                          "split: --folder#split#num_test N or --split#num_test N).")
     needed = ("image", "label") if require_label else ("image",)
     for index, entry in enumerate(content[key]):
         missing = [k for k in needed if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
