@@ -33,6 +33,7 @@ RUN_IDS = {
     ("train.yaml", "select.yaml"): ("select",),
     ("train.yaml",): ("run",),
     ("train.yaml", "evaluate.yaml"): ("run",),
+    ("train.yaml", "self_training.yaml"): ("pseudo_label", "run"),
 }
 RUNNER_KEYS = {
     ("train.yaml", "prepare.yaml"): ("dataset_dir", "raw_dir", "seed"),
@@ -43,6 +44,7 @@ RUNNER_KEYS = {
     ("train.yaml",): ("dataset_dir", "model_dir", "output_dir", "seed", "num_labelled", "subset", "train_key",
                       "use_pretrained", "pretrained_checkpoint", "pretrained_decoder_blocks"),
     ("train.yaml", "evaluate.yaml"): ("dataset_dir", "model_dir", "output_dir", "checkpoint"),   # checkpoint: default
+    ("train.yaml", "self_training.yaml"): ("pseudo_round",),
 }
 PLAN_MAY_SET = ("pretrained_decoder_blocks",)   # a runner key an initialisation's finetune may override
 # the keys a plan's protocol may not set: the runner sets them for each job

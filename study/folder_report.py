@@ -48,7 +48,7 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     if plan["benchmark"] and plan["benchmark"]["finetune"]:   # the all-labels runs' own overrides
         protocol["finetune on labelled_all"] = plan["benchmark"]["finetune"]
     text = tables.study_markdown(records, stages, order, losses=losses, title=plan.get("description") or plan["name"],
-                                 protocol=protocol, selected=selected)
+                                 protocol=protocol, selected=selected, comparisons=_comparisons(plan))
     written.append(write_text(os.path.join(output, "results.md"), text))
     written.append(tables.plot_dice_vs_labelled(records, os.path.join(output, "dice_vs_labelled.png"), order))
     if curves:
@@ -62,6 +62,12 @@ def report(target: str, output: str, examples: bool = True, experiment_dir: str 
     for path in written:
         print(path)
     return written
+
+
+def _comparisons(plan: dict) -> list[tuple[str, str]]:
+    """The plan's ``comparisons`` (pairs of initialisation names) as pairs of their labels."""
+    label = {i["name"]: i["label"] for i in plan["initialisations"]}
+    return [(label[base], label[other]) for base, other in plan["comparisons"]]
 
 
 def _experiment(target: str, experiment_dir: str | None) -> tuple[str, dict]:

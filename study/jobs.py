@@ -111,12 +111,14 @@ def build_jobs(plan: dict) -> list[Job]:
                     builder.pretraining(init, seed)
     jobs = builder.prepare()
     jobs += sorted(builder.pretrainings.values(), key=lambda j: j.kind == "local")  # all global stages, then local
-    rounds = max((len(s) for s in plan["labelled"].values()), default=0)
+    labelled = {init["name"]: plan["labelled"] if init["labelled"] is None else init["labelled"] for init in inits}
+    rounds = max((len(s) for per_init in labelled.values() for s in per_init.values()), default=0)
+    sizes = sorted({size for per_init in labelled.values() for size in per_init})
     for seed in plan["seeds"]:
         for r in range(rounds):
-            for size, subsets in plan["labelled"].items():
-                if r < len(subsets):
-                    jobs += [builder.finetune(init, seed, size, subsets[r]) for init in inits]
+            for size in sizes:
+                jobs += [builder.finetune(init, seed, size, labelled[init["name"]][size][r]) for init in inits
+                         if r < len(labelled[init["name"]].get(size, ()))]
     if plan["selection"]:   # after the random subsets: the selections are compared with them
         selection = plan["selection"]
         for seed in plan["seeds"]:
@@ -135,6 +137,28 @@ def build_jobs(plan: dict) -> list[Job]:
     if duplicates:
         raise ValueError(f"the plan gives the same job twice: {duplicates} (a repeated subset or seed?).")
     return jobs
+
+
+def _method_steps(init: dict, train: dict, evaluate: dict, output_dir: str) -> list:
+    """The steps of one fine-tuning job of ``init``: fine-tune with the initialisation's overlay ``configs`` (e.g.
+    consistency.yaml) after train.yaml, then for each self-training round r = 1..R (``self_training_rounds``) label
+    the unlabelled pool with the last model (run id ``pseudo_label``) and fine-tune again on labelled +
+    pseudo-labelled volumes (self_training.yaml, ``--pseudo_round r``), then evaluate the last model on the test
+    split. Every fine-tuning but the last logs its validations under ``<output_dir>/round_<r>``, so that
+    ``<output_dir>`` holds the validations of the model that is evaluated."""
+    configs, rounds = ["train.yaml", *init["configs"]], init["self_training_rounds"]
+    if not rounds:
+        return [("finetune", bundle_command("run", configs, train)),
+                ("evaluate", bundle_command("run", [*configs, "evaluate.yaml"], evaluate))]
+    steps = [("finetune", bundle_command("run", configs, {**train, "output_dir": os.path.join(output_dir, "round_0")}))]
+    self_training = [*configs, "self_training.yaml"]
+    for r in range(1, rounds + 1):
+        last = {} if r == rounds else {"output_dir": os.path.join(output_dir, f"round_{r}")}
+        steps += [(f"pseudo_label_round{r}", bundle_command("pseudo_label", self_training, {**train, "pseudo_round": r})),
+                  (f"finetune_round{r}", bundle_command("run", self_training, {**train, "pseudo_round": r, **last}))]
+    steps.append(("evaluate", bundle_command("run", [*self_training, "evaluate.yaml"],
+                                             {**evaluate, "pseudo_round": rounds})))
+    return steps
 
 
 class _JobBuilder:
@@ -242,10 +266,11 @@ class _JobBuilder:
         # in the job's config; given again after ``start`` so that they also win over what the runner derives there
         train_overrides = {**run_paths, **finetune, "seed": seed, **selection, **start, **init["finetune"]}
         init_config = {k: init[k] for k in ("global", "local", "pretrain")}
+        if init["configs"] or init["self_training_rounds"]:   # only then: earlier studies' configurations unchanged
+            init_config.update(configs=init["configs"], self_training_rounds=init["self_training_rounds"])
         if init["checkpoint"] is not None:   # only then: the configurations of earlier studies stay the same
             init_config["checkpoint"] = init["checkpoint"]
-        steps = [("finetune", bundle_command("run", ["train.yaml"], train_overrides)),
-                 ("evaluate", bundle_command("run", ["train.yaml", "evaluate.yaml"], {**run_paths, **evaluate}))]
+        steps = _method_steps(init, train_overrides, {**run_paths, **evaluate}, run_paths["output_dir"])
         return Job(
             jid, "finetune", folder, steps,
             config={"init": init_config, "seed": seed, **selection,

@@ -20,6 +20,7 @@ from study.configs import (
     RESERVED,
     all_labelled_key,
     check_runner_keys,
+    config_files,
     datalist_keys,
     read_configs,
     subset_key,
@@ -28,8 +29,9 @@ from study.configs import (
 STAGES = ("common", "prepare", "pretrain", "select", "finetune", "evaluate")
 DEFAULT_ESTIMATE = {"prepare": 20, "global": 240, "local": 60, "select": 30, "finetune": 120, "evaluate": 15}
 PLAN_KEYS = {"name", "description", "experiment_dir", "dataset", "protocol", "env", "seeds", "initialisations",
-             "labelled", "benchmark", "examples", "estimate", "selection"}
-INIT_KEYS = {"name", "label", "global", "local", "pretrain", "checkpoint", "finetune"}
+             "labelled", "benchmark", "examples", "estimate", "selection", "comparisons"}
+INIT_KEYS = {"name", "label", "global", "local", "pretrain", "checkpoint", "finetune", "configs",
+             "self_training_rounds", "labelled"}
 
 
 def load_plan(path: str, experiment_dir: str | None = None) -> dict:
@@ -70,6 +72,10 @@ def normalise_plan(plan: dict, experiment_dir: str | None = None, source: str = 
     plan["labelled"] = _normalise_labelled(plan.get("labelled"), source)
     plan["benchmark"] = _normalise_benchmark(plan.get("benchmark"), names, plan["seeds"], source)
     plan["selection"] = _normalise_selection(plan.get("selection"), {i["name"]: i for i in inits}, source)
+    plan["comparisons"] = [[str(n) for n in pair] for pair in plan.get("comparisons") or []]
+    bad = [pair for pair in plan["comparisons"] if len(pair) != 2 or not set(pair) <= names]
+    if bad:
+        raise ValueError(f"{source}: comparisons {bad}: each is [base, other], two initialisation names.")
     if not plan["labelled"] and not plan["benchmark"]:
         raise ValueError(f"{source}: nothing to fine-tune: give labelled subsets or a benchmark.")
     examples = dict(plan.get("examples") or {})
@@ -94,7 +100,8 @@ def _check_datalist(plan: dict, source: str) -> None:
     found = datalist_keys(plan["dataset"]["dataset_dir"])
     if found is None:
         return
-    needed = [subset_key(size, index) for size, subsets in plan["labelled"].items() for index in subsets]
+    labelled = [plan["labelled"]] + [i["labelled"] for i in plan["initialisations"] if i["labelled"]]
+    needed = [subset_key(size, index) for each in labelled for size, subsets in each.items() for index in subsets]
     needed += [all_labelled_key()] if plan["benchmark"] else []
     missing = sorted(set(needed) - found)
     if missing:
@@ -153,7 +160,10 @@ def _normalise_initialisations(inits: list, source: str) -> list:
 def _normalise_initialisation(init: dict, names: set, source: str) -> None:
     """One initialisation, completed in place: ``name`` (not among ``names``), ``label``, ``global`` / ``local``
     strategies (null: none), ``checkpoint`` (weights trained elsewhere, absolute), ``pretrain`` overrides and
-    ``finetune`` overrides (train.yaml, for this initialisation's fine-tunings, e.g. ``pretrained_decoder_blocks``)."""
+    ``finetune`` overrides (train.yaml, for this initialisation's fine-tunings, e.g. ``pretrained_decoder_blocks``
+    or ``mixup_alpha``), ``configs`` (overlays after train.yaml for its fine-tunings, e.g. consistency.yaml) and
+    ``self_training_rounds`` (0: none; ``study.jobs``) and ``labelled`` (its own labelled subsets instead of the
+    plan's, e.g. for a screening; null: the plan's)."""
     name = str(init.get("name", ""))
     if not name or not all(c.isalnum() or c in "_.+-" for c in name) or name in names:
         raise ValueError(f"{source}: initialisation name {name!r} must be unique and made of letters, digits, _.+-")
@@ -165,6 +175,15 @@ def _normalise_initialisation(init: dict, names: set, source: str) -> None:
     init["pretrain"] = dict(init.get("pretrain") or {})
     init["finetune"] = dict(init.get("finetune") or {})
     _refuse_reserved(init["finetune"], f"initialisation {name}: finetune", source)
+    init["configs"] = [str(c) for c in init.get("configs") or []]
+    missing = [c for c in init["configs"] if not os.path.isfile(config_files(c)[0]) or c == "self_training.yaml"]
+    if missing:
+        raise ValueError(f"{source}: initialisation {name}: configs {missing} are not overlays in bundle/configs "
+                         "(self-training is self_training_rounds).")
+    init["labelled"] = None if init.get("labelled") is None else _normalise_labelled(init["labelled"], source)
+    init["self_training_rounds"] = int(init.get("self_training_rounds") or 0)
+    if init["self_training_rounds"] < 0:
+        raise ValueError(f"{source}: initialisation {name}: self_training_rounds must be >= 0.")
     if init["checkpoint"] is not None:   # fine-tune from weights trained elsewhere (e.g. a release's)
         if init["global"] is not None:
             raise ValueError(f"{source}: initialisation {name}: give a checkpoint or a global strategy, not both.")

@@ -162,6 +162,43 @@ def study_tables(records: Sequence[dict], order: Sequence[str] | None = None) ->
     return "\n".join(out)
 
 
+def comparison_table(records: Sequence[dict], pairs: Sequence[Sequence[str]]) -> list[str]:
+    """Markdown lines comparing each pair (base label, other label) of ``pairs``, paired by labelled subset and seed:
+    the mean ± std of other - base in mean test Dice and in best validation Dice (runs where other is better /
+    pairs), and each one's mean wall time per fine-tuning job (every step: fine-tunings, pseudo-labels, evaluation)."""
+    if not pairs:
+        return []
+    groups, sizes = _group(records), [s for s in _sizes(records) if s != "all"]
+    out = ["", "**Paired comparisons**: other minus base, paired by labelled subset and seed: mean ± std of the "
+           "differences (pairs where other is better / pairs); test Dice, then best validation Dice.", "",
+           "| other | base | " + " | ".join(f"test, {_xl(s)} | validation, {_xl(s)}" for s in sizes) + " |",
+           "|---|---|" + "---|---|" * len(sizes)]
+
+    def paired(base, other, size, key):
+        before = {(r["subset"], r["seed"]): r.get(key) for r in groups.get((base, size), [])}
+        return [r.get(key) - before[(r["subset"], r["seed"])] for r in groups.get((other, size), [])
+                if before.get((r["subset"], r["seed"])) is not None and r.get(key) is not None]
+
+    for base, other in pairs:
+        cells = []
+        for s in sizes:
+            for key in ("mean_dice", "val_dice"):
+                diffs = paired(base, other, s, key)
+                mean, std = _mean_std(diffs)
+                cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+        out.append(f"| {other} | {base} | " + " | ".join(cells) + " |")
+    times: dict[str, list[float]] = {}
+    for r in records:
+        if r["num_labelled"] != "all" and r.get("wall_time_s"):
+            times.setdefault(r["label"], []).append(sum(r["wall_time_s"].values()))
+    labels = [label for pair in pairs for label in pair]
+    out += ["", "**Wall time per fine-tuning job** on the labelled subsets (every step of the job, mean over its "
+            "runs):", "", "| initialisation | runs | mean per job |", "|---|---|---|"]
+    out += [f"| {label} | {len(times[label])} | {_minutes(np.mean(times[label]))} |"
+            for label in dict.fromkeys(labels) if label in times]
+    return out
+
+
 def validation_table(records: Sequence[dict], order: Sequence[str] | None = None) -> list[str]:
     """Markdown lines: the best validation Dice (model selection) per initialisation x |XL|, mean ± std over runs, and
     per initialisation over all its runs with a labelled subset: the score that chooses between pre-training recipes,
@@ -278,14 +315,15 @@ def selection_table(selected: Sequence[dict], records: Sequence[dict]) -> list[s
 
 def study_markdown(records: Sequence[dict], stages: Sequence[dict] = (), order: Sequence[str] | None = None,
                    losses: Mapping[str, dict] | None = None, title: str = "", protocol: Mapping | None = None,
-                   selected: Sequence[dict] = ()) -> str:
+                   selected: Sequence[dict] = (), comparisons: Sequence[Sequence[str]] = ()) -> str:
     """The report of a study as markdown: tables, the paper's claims checked, the selections against random subsets
-    (``selected``: records of fine-tunings on selected volumes, kept out of the other tables), pre-training losses,
-    wall time, machine and protocol."""
+    (``selected``: records of fine-tunings on selected volumes, kept out of the other tables), the ``comparisons``
+    (pairs of labels, ``comparison_table``), pre-training losses, wall time, machine and protocol."""
     out = [f"# {title}" if title else "# Results", "",
            f"{len(records)} fine-tuning runs, each evaluated on the same {len(records[0]['volumes'])} test volume(s) "
            "(3D Dice per class on the native grid); model selection on the validation volumes only.", "",
            study_tables(records, order)]
+    out += comparison_table(records, comparisons)
     claims = study_claims(records)
     if claims:
         out += ["", "## The paper's claims, checked", ""] + [f"- {c}" for c in claims]

@@ -223,6 +223,55 @@ def test_an_initialisation_may_have_its_own_fine_tuning_overrides(tmp_path):
         normalise_plan(plan, experiment_dir=str(tmp_path))
 
 
+def test_fine_tuning_methods_and_their_own_subsets_become_job_steps(tmp_path):
+    """An initialisation's ``configs`` follow train.yaml in its fine-tuning and evaluation; ``self_training_rounds``
+    adds, per round, a pseudo_label run and a fine-tuning on self_training.yaml with ``--pseudo_round``, and evaluates
+    the last round; ``labelled`` replaces the plan's subsets for that initialisation only."""
+    plan, jobs = plan_jobs("semi_supervised.yaml", tmp_path)
+    files = lambda *names: [os.path.join(CONFIGS, n) for n in names]   # noqa: E731
+    consistency = jobs["release-consistency-xl2-subset0-seed0"]
+    assert [name for name, _ in consistency.steps] == ["finetune", "evaluate"]
+    assert fire.parser.DefaultParseValue(option(consistency.steps[0][1], "config_file")) == files(
+        "train.yaml", "consistency.yaml")
+    assert consistency.config["init"]["configs"] == ["consistency.yaml"]
+    mixup = jobs["release-mixup-xl2-subset1-seed0"]
+    assert option(mixup.steps[0][1], "mixup_alpha") == "0.1" and "configs" not in mixup.config["init"]
+    self_training = jobs["release-selftraining-xl2-subset0-seed0"]
+    names = [name for name, _ in self_training.steps]
+    assert names == ["finetune", "pseudo_label_round1", "finetune_round1", "evaluate"]
+    first, label, second, evaluate = (command for _, command in self_training.steps)
+    eval_dir = os.path.join(self_training.folder, "eval")
+    assert option(first, "output_dir") == os.path.join(eval_dir, "round_0") and option(second, "output_dir") == eval_dir
+    assert label[label.index("run") + 1] == "pseudo_label"
+    assert option(label, "pseudo_round") == option(second, "pseudo_round") == option(evaluate, "pseudo_round") == "1"
+    assert fire.parser.DefaultParseValue(option(evaluate, "config_file")) == files(
+        "train.yaml", "self_training.yaml", "evaluate.yaml")
+    plan["labelled"] = {1: [0, 1], 2: [0, 1, 2]}
+    plan["initialisations"][0]["labelled"] = None   # the plan's subsets
+    plan["initialisations"][1]["labelled"] = {2: [4]}
+    ids = [j.id for j in build_jobs(plan)]
+    assert [i for i in ids if i.startswith("release-mixup-")] == ["release-mixup-xl2-subset4-seed0"]
+    assert "release-xl1-subset1-seed0" in ids
+    for change, message in [({"configs": ["self_training.yaml"]}, "self_training_rounds"),
+                             ({"configs": ["nope.yaml"]}, "not overlays"),
+                             ({"self_training_rounds": -1}, ">= 0")]:
+        bad = yaml.safe_load(open(os.path.join(PLANS, "semi_supervised.yaml")))
+        bad["initialisations"][0].update(change)
+        with pytest.raises(ValueError, match=message):
+            normalise_plan(bad, experiment_dir=str(tmp_path))
+
+
+def test_the_report_compares_the_pairs_a_plan_names():
+    records = fake_records()
+    text = report.study_markdown(records, title="fake", comparisons=[("G^D", "G^D + L^R"), ("random", "G^D")])
+    assert ("| G^D + L^R | G^D | +0.050 ± 0.000 (2/2) | +0.050 ± 0.000 (2/2) | +0.050 ± 0.000 (2/2) "
+            "| +0.050 ± 0.000 (2/2) |") in text
+    assert "| random | 4 | 110 s |" in text   # the benchmark runs are left out of the time per job
+    with pytest.raises(ValueError, match="two initialisation names"):
+        normalise_plan({**yaml.safe_load(open(os.path.join(PLANS, "smoke.yaml"))), "comparisons": [["random", "x"]]},
+                       experiment_dir="/tmp/x")
+
+
 def test_a_changed_protocol_is_not_resumed(tmp_path):
     plan, jobs = plan_jobs("smoke.yaml", tmp_path)
     job = jobs["random-xl1-subset0-seed0"]
