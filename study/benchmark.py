@@ -149,20 +149,10 @@ def _slices_for(num_images: int, num_views: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bench_global_loss(
-    batch_sizes: Sequence[int] = (16, 32, 48, 96, 192),
-    strategies: Sequence[str] = GLOBAL_STRATEGIES,
-    features: int = 128,
-    num_partitions: int = 4,
-    num_views: int = 2,
-    temperature: float = 0.1,
-    device: torch.device | str = "cpu",
-    repeats: int = 20,
-    warmup: int = 3,
-    max_seconds: float = 2.0,
-    seed: int = 0,
-    quiet: bool = False,
-) -> list[dict]:
+def bench_global_loss(batch_sizes: Sequence[int] = (16, 32, 48, 96, 192), strategies: Sequence[str] = GLOBAL_STRATEGIES,
+                      features: int = 128, num_partitions: int = 4, num_views: int = 2, temperature: float = 0.1,
+                      device: torch.device | str = "cpu", repeats: int = 20, warmup: int = 3, max_seconds: float = 2.0,
+                      seed: int = 0, quiet: bool = False) -> list[dict]:
     """Forward + backward time and peak memory of ``GlobalContrastiveLoss`` per strategy and batch size.
 
     ``batch_sizes`` count images N = M volumes x ``num_partitions`` x ``num_views``; each must be a multiple of
@@ -201,24 +191,12 @@ def _global_positive_pairs(strategy: str, meta: dict[str, Tensor], threshold: fl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bench_local_loss(
-    batch_sizes: Sequence[int] = (12, 24, 48),
-    strategies: Sequence[str] = LOCAL_STRATEGIES,
-    grid_regions: Sequence[int] = (13, 25),
-    dense_regions: Sequence[int] = (13, 64, 256),
-    channels: int = 64,
-    feature_size: int = 48,
-    region_size: int = 3,
-    num_partitions: int = 4,
-    num_views: int = 2,
-    temperature: float = 0.1,
-    device: torch.device | str = "cpu",
-    repeats: int = 10,
-    warmup: int = 2,
-    max_seconds: float = 2.0,
-    seed: int = 0,
-    quiet: bool = False,
-) -> list[dict]:
+def bench_local_loss(batch_sizes: Sequence[int] = (12, 24, 48), strategies: Sequence[str] = LOCAL_STRATEGIES,
+                     grid_regions: Sequence[int] = (13, 25), dense_regions: Sequence[int] = (13, 64, 256),
+                     channels: int = 64, feature_size: int = 48, region_size: int = 3, num_partitions: int = 4,
+                     num_views: int = 2, temperature: float = 0.1, device: torch.device | str = "cpu",
+                     repeats: int = 10, warmup: int = 2, max_seconds: float = 2.0, seed: int = 0,
+                     quiet: bool = False) -> list[dict]:
     """Forward + backward time and peak memory of ``LocalContrastiveLoss`` per strategy, region mode, batch size
     (images = slices x ``num_views``) and region count K, on (N, ``channels``, ``feature_size``, ``feature_size``)
     maps. Dense-mode anchors are drawn once per configuration (seeded) and fixed for its repeats.

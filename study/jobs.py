@@ -154,7 +154,8 @@ def _method_steps(init: dict, train: dict, evaluate: dict, output_dir: str) -> l
     self_training = [*configs, "self_training.yaml"]
     for r in range(1, rounds + 1):
         last = {} if r == rounds else {"output_dir": os.path.join(output_dir, f"round_{r}")}
-        steps += [(f"pseudo_label_round{r}", bundle_command("pseudo_label", self_training, {**train, "pseudo_round": r})),
+        label = bundle_command("pseudo_label", self_training, {**train, "pseudo_round": r})
+        steps += [(f"pseudo_label_round{r}", label),
                   (f"finetune_round{r}", bundle_command("run", self_training, {**train, "pseudo_round": r, **last}))]
     steps.append(("evaluate", bundle_command("run", [*self_training, "evaluate.yaml"],
                                              {**evaluate, "pseudo_round": rounds})))

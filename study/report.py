@@ -184,8 +184,8 @@ def comparison_table(records: Sequence[dict], pairs: Sequence[Sequence[str]]) ->
         for s in sizes:
             for key in ("mean_dice", "val_dice"):
                 diffs = paired(base, other, s, key)
-                mean, std = _mean_std(diffs)
-                cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+                mean, std, better = *_mean_std(diffs), sum(d > 0 for d in diffs)
+                cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({better}/{len(diffs)})")
         out.append(f"| {other} | {base} | " + " | ".join(cells) + " |")
     times: dict[str, list[float]] = {}
     for r in records:

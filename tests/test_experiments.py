@@ -252,9 +252,9 @@ def test_fine_tuning_methods_and_their_own_subsets_become_job_steps(tmp_path):
     ids = [j.id for j in build_jobs(plan)]
     assert [i for i in ids if i.startswith("release-mixup-")] == ["release-mixup-xl2-subset4-seed0"]
     assert "release-xl1-subset1-seed0" in ids
-    for change, message in [({"configs": ["self_training.yaml"]}, "self_training_rounds"),
-                             ({"configs": ["nope.yaml"]}, "not overlays"),
-                             ({"self_training_rounds": -1}, ">= 0")]:
+    refusals = [({"configs": ["self_training.yaml"]}, "self_training_rounds"),
+                ({"configs": ["nope.yaml"]}, "not overlays"), ({"self_training_rounds": -1}, ">= 0")]
+    for change, message in refusals:
         bad = yaml.safe_load(open(os.path.join(PLANS, "semi_supervised.yaml")))
         bad["initialisations"][0].update(change)
         with pytest.raises(ValueError, match=message):

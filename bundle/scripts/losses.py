@@ -306,13 +306,8 @@ class GlobalContrastiveLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        strategy: str = "domain",
-        temperature: float = 0.1,
-        position_threshold: float = 0.35,
-        gather_distributed: bool = True,
-    ):
+    def __init__(self, strategy: str = "domain", temperature: float = 0.1, position_threshold: float = 0.35,
+                 gather_distributed: bool = True):
         super().__init__()
         _check_global_args(strategy, position_threshold)
         _check_temperature(temperature)
@@ -322,11 +317,7 @@ class GlobalContrastiveLoss(nn.Module):
     def forward(
         self, embeddings: Tensor, volume: Tensor, partition: Tensor, sample: Tensor, position: Tensor | None = None
     ) -> Tensor:
-        if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
-            raise ValueError(
-                f"embeddings must be a 2-D float tensor (N, F), got {getattr(embeddings, 'dtype', type(embeddings))}"
-                f" of shape {tuple(getattr(embeddings, 'shape', ()))}."
-            )
+        _check_float_tensor("embeddings", embeddings, "(N, F)")
         n = embeddings.shape[0]
         position = position if self.strategy == "positional" else None
         meta = _metadata(volume, partition, sample, position, n, self.strategy)
@@ -397,15 +388,8 @@ class LocalContrastiveLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        strategy: str = "random",
-        temperature: float = 0.1,
-        region_size: int = 3,
-        region_mode: str = "grid",
-        num_regions: int = 13,
-        gather_distributed: bool = False,
-    ):
+    def __init__(self, strategy: str = "random", temperature: float = 0.1, region_size: int = 3,
+                 region_mode: str = "grid", num_regions: int = 13, gather_distributed: bool = False):
         super().__init__()
         _check_local_strategy(strategy)
         _check_temperature(temperature)
@@ -437,11 +421,7 @@ class LocalContrastiveLoss(nn.Module):
     def forward(
         self, features: Tensor, volume: Tensor, partition: Tensor, sample: Tensor, centres: Tensor | None = None
     ) -> Tensor:
-        if not isinstance(features, Tensor) or features.ndim != 4 or not features.is_floating_point():
-            raise ValueError(
-                f"features must be a 4-D float tensor (N, C, H, W), got {getattr(features, 'dtype', type(features))}"
-                f" of shape {tuple(getattr(features, 'shape', ()))}."
-            )
+        _check_float_tensor("features", features, "(N, C, H, W)")
         n, _, height, width = features.shape
         r, half = self.region_size, self.region_size // 2
         rows, cols = height - r + 1, width - r + 1
@@ -501,6 +481,16 @@ class LocalContrastiveLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # helpers: validation, metadata, distributed
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_float_tensor(name: str, value, shape: str) -> None:
+    """Raise ValueError unless ``value`` is a float tensor with as many dimensions as ``shape`` (e.g. "(N, F)")."""
+    ndim = shape.count(",") + 1
+    if not isinstance(value, Tensor) or value.ndim != ndim or not value.is_floating_point():
+        raise ValueError(f"{name} must be a {ndim}-D float tensor {shape}, got {getattr(value, 'dtype', type(value))}"
+                         f" of shape {tuple(getattr(value, 'shape', ()))}.")
+
+
 def _check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise BundleError(f"temperature must be a positive finite number, got {temperature!r} "
