@@ -11,6 +11,8 @@ consistency fine-tuning killed with SIGKILL part-way and resumed ends with the s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -99,6 +101,16 @@ def test_consistency_loss_takes_the_pseudo_labels_of_the_cutmix_partner_inside_t
     strong = _confident_logits(strong_labels)
     assert consistency_loss(weak, strong, 0.95, box=box)[0].item() == pytest.approx(0.0, abs=1e-7)
     assert consistency_loss(weak, strong, 0.95)[0].item() > 0.01  # without the box it disagrees there
+
+
+def test_the_unsupervised_weight_ramps_up_monotonically_to_its_value():
+    from scripts.semi_supervised import rampup_weight
+
+    assert rampup_weight(2.0, 1, 0) == rampup_weight(2.0, 10_000, 0) == 2.0          # no ramp: the weight throughout
+    ramp = [rampup_weight(2.0, i, 300) for i in range(1, 601)]
+    assert ramp[0] < 0.02 and ramp[299] == ramp[-1] == 2.0                          # ~0.7 % at first, all from 300 on
+    assert all(a <= b for a, b in zip(ramp, ramp[1:]))
+    assert abs(rampup_weight(1.0, 150, 300) - math.exp(-1.25)) < 1e-12              # exp(-5 (1 - t)^2) at t = 0.5
 
 
 def test_masked_dice_ce_equals_the_plain_loss_when_every_pixel_counts():

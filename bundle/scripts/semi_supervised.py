@@ -286,6 +286,16 @@ class _FeatureDropout:
         return hook
 
 
+def rampup_weight(weight: float, iteration: int, rampup: int) -> float:
+    """``weight`` x exp(-5 (1 - t)^2) with t = min(1, iteration / rampup), the sigmoid-shaped ramp of the mean teacher
+    (Laine and Aila 2017; SSL4MIS's consistency weight): 0.7 % of ``weight`` at the start, all of it from ``rampup``
+    on; ``rampup`` 0: ``weight`` throughout. ``iteration`` counts from 1 (Ignite's ``state.iteration``)."""
+    if rampup <= 0:
+        return weight
+    t = min(1.0, iteration / rampup)
+    return weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 class ConsistencyStep:
     """The ``iteration_update`` of a ``SupervisedTrainer`` for weak-to-strong consistency fine-tuning.
 
@@ -296,6 +306,7 @@ class ConsistencyStep:
         strong: ``StrongPerturbation``.
         threshold: confidence threshold of the pseudo-labels (UniMatch: 0.95).
         weight: weight of the unsupervised loss against the supervised one.
+        rampup: iterations over which that weight rises as ``rampup_weight`` (0: the full weight from the start).
         feature_dropout: channel-dropout probability of the feature-perturbation stream; 0: no such stream.
         feature_share: the stream's share of the unsupervised loss (the strong view has the rest; UniMatch: 0.5).
         dice_weight, ce_weight: the consistency loss's Dice and cross-entropy weights.
@@ -308,12 +319,14 @@ class ConsistencyStep:
 
     def __init__(self, loader, weak: Callable, strong: StrongPerturbation, threshold: float = 0.95,
                  weight: float = 1.0, feature_dropout: float = 0.5, feature_share: float = 0.5,
-                 dice_weight: float = 1.0, ce_weight: float = 1.0):
+                 dice_weight: float = 1.0, ce_weight: float = 1.0, rampup: int = 0):
+        if int(rampup) < 0:
+            raise ValueError(f"rampup must be >= 0 iterations, got {rampup}.")
         if not 0 <= feature_dropout < 1 or not 0 <= feature_share <= 1:
             raise ValueError(f"feature_dropout must be in [0, 1) and feature_share in [0, 1], got {feature_dropout}, "
                              f"{feature_share}.")
         self.loader, self.weak, self.strong = loader, weak, strong
-        self.threshold, self.weight = float(threshold), float(weight)
+        self.threshold, self.weight, self.rampup = float(threshold), float(weight), int(rampup)
         self.feature_dropout = float(feature_dropout)
         self.feature_share = float(feature_share) if feature_dropout > 0 else 0.0
         self.dice_weight, self.ce_weight = float(dice_weight), float(ce_weight)
@@ -390,7 +403,7 @@ class ConsistencyStep:
                 fp_loss, _ = consistency_loss(weak_logits, logits[b + 2 * u:], self.threshold, None,
                                               self.dice_weight, self.ce_weight)
                 unsupervised = unsupervised + self.feature_share * fp_loss
-            loss = supervised + self.weight * unsupervised
+            loss = supervised + rampup_weight(self.weight, engine.state.iteration, self.rampup) * unsupervised
         output.update({Keys.LOSS: loss, "supervised_loss": supervised.detach(),
                        "unsupervised_loss": unsupervised.detach(), "confident": confident})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
