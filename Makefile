@@ -43,7 +43,7 @@ lint: venv
 	$(PY) -m isort --check-only --diff $(LINT_PATHS)
 
 test: venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # MONAI Label's own environment, beside .venv (docs/monailabel.md): monailabel 0.8.5 imports torchvision, and only
 # the torch 2.14.1 + torchvision 0.29.1 pair imports together here (PyPI's torchvision fails beside the CPU torch
