@@ -313,7 +313,7 @@ class ConsistencyStep:
 
     Call ``(engine, batchdata) -> output``: ``prepare`` then ``compute``. The output dict holds "image" / "label" (the
     labelled batch), "pred" (its logits), "loss" (total), "supervised_loss", "unsupervised_loss", "confident" (share
-    of unlabelled pixels above the threshold) and "network_images" (images per forward pass: B + 2U or B + 3U).
+    of unlabelled pixels above the threshold) and "network_images" (images through the network per step: B + 2U or B + 3U).
     AMP as the trainer's (``engine.amp``, ``engine.scaler``); gradient accumulation is not supported.
     """
 
@@ -373,34 +373,36 @@ class ConsistencyStep:
         return self._hooks
 
     def compute(self, engine, data: dict) -> dict:
-        """Forward (one pass over all views), losses, backward and the optimiser step on prepared ``data``."""
+        """Forwards (the labelled batch, then every unlabelled view in one pass), losses, backward and the optimiser
+        step on prepared ``data``."""
         image, label, weak, strong = data["image"], data["label"], data["weak"], data["strong"]
         b, u = image.shape[0], weak.shape[0]
-        views = [image, weak, strong] + ([weak] if self.feature_share > 0 else [])
-        inputs = torch.cat(views)
-        output = {Keys.IMAGE: image, Keys.LABEL: label, "network_images": int(inputs.shape[0])}
+        unlabelled = torch.cat([weak, strong] + ([weak] if self.feature_share > 0 else []))
+        output = {Keys.IMAGE: image, Keys.LABEL: label, "network_images": b + int(unlabelled.shape[0])}
         engine.state.output = output
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_scaler = engine.amp and engine.scaler is not None
         hooks = self._dropout(engine.network) if self.feature_share > 0 else None
         with torch.autocast("cuda", **engine.amp_kwargs) if use_scaler else nullcontext():
+            # two passes: BatchNorm normalises the labelled slices by their own batch, as in supervised fine-tuning
+            # (one pass over labelled and unlabelled views together learnt less: docs/study/semi_supervised.md)
+            output[Keys.PRED] = engine.inferer(image, engine.network)
             if hooks is not None:
-                hooks.start = b + 2 * u
+                hooks.start = 2 * u
             try:
-                logits = engine.inferer(inputs, engine.network)
+                logits = engine.inferer(unlabelled, engine.network)
             finally:
                 if hooks is not None:
                     hooks.start = None
-            output[Keys.PRED] = logits[:b]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            supervised = engine.loss_function(logits[:b], label).mean()
-            weak_logits = logits[b:b + u]
-            strong_loss, confident = consistency_loss(weak_logits, logits[b + u:b + 2 * u], self.threshold,
+            supervised = engine.loss_function(output[Keys.PRED], label).mean()
+            weak_logits = logits[:u]
+            strong_loss, confident = consistency_loss(weak_logits, logits[u:2 * u], self.threshold,
                                                       data["box"], self.dice_weight, self.ce_weight)
             unsupervised = (1 - self.feature_share) * strong_loss
             if self.feature_share > 0:
-                fp_loss, _ = consistency_loss(weak_logits, logits[b + 2 * u:], self.threshold, None,
+                fp_loss, _ = consistency_loss(weak_logits, logits[2 * u:], self.threshold, None,
                                               self.dice_weight, self.ce_weight)
                 unsupervised = unsupervised + self.feature_share * fp_loss
             loss = supervised + rampup_weight(self.weight, engine.state.iteration, self.rampup) * unsupervised
