@@ -313,7 +313,8 @@ class ConsistencyStep:
 
     Call ``(engine, batchdata) -> output``: ``prepare`` then ``compute``. The output dict holds "image" / "label" (the
     labelled batch), "pred" (its logits), "loss" (total), "supervised_loss", "unsupervised_loss", "confident" (share
-    of unlabelled pixels above the threshold) and "network_images" (images through the network per step: B + 2U or B + 3U).
+    of unlabelled pixels above the threshold) and "network_images" (images through the network per step: B + 2U or
+    B + 3U).
     AMP as the trainer's (``engine.amp``, ``engine.scaler``); gradient accumulation is not supported.
     """
 
