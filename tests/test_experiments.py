@@ -247,8 +247,9 @@ def test_fine_tuning_methods_and_their_own_subsets_become_job_steps(tmp_path):
     assert fire.parser.DefaultParseValue(option(evaluate, "config_file")) == files(
         "train.yaml", "self_training.yaml", "evaluate.yaml")
     plan["labelled"] = {1: [0, 1], 2: [0, 1, 2]}
-    plan["initialisations"][0]["labelled"] = None   # the plan's subsets
-    plan["initialisations"][1]["labelled"] = {2: [4]}
+    by_name = {init["name"]: init for init in plan["initialisations"]}
+    assert by_name["release"]["labelled"] is None   # the plan's subsets
+    by_name["release-mixup"]["labelled"] = {2: [4]}
     ids = [j.id for j in build_jobs(plan)]
     assert [i for i in ids if i.startswith("release-mixup-")] == ["release-mixup-xl2-subset4-seed0"]
     assert "release-xl1-subset1-seed0" in ids
@@ -256,7 +257,7 @@ def test_fine_tuning_methods_and_their_own_subsets_become_job_steps(tmp_path):
                 ({"configs": ["nope.yaml"]}, "not overlays"), ({"self_training_rounds": -1}, ">= 0")]
     for change, message in refusals:
         bad = yaml.safe_load(open(os.path.join(PLANS, "semi_supervised.yaml")))
-        bad["initialisations"][0].update(change)
+        bad["initialisations"][1].update(change)
         with pytest.raises(ValueError, match=message):
             normalise_plan(bad, experiment_dir=str(tmp_path))
 
