@@ -64,11 +64,13 @@ def _group(records: Sequence[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def _paired_gains(groups: Mapping[tuple, list[dict]], base: str, label: str, size) -> list[float]:
-    """Mean Dice of ``label`` minus that of ``base`` at ``size``, one difference per (subset, seed) both ran."""
-    before = {(r["subset"], r["seed"]): r["mean_dice"] for r in groups.get((base, size), [])}
-    return [r["mean_dice"] - before[(r["subset"], r["seed"])] for r in groups.get((label, size), [])
-            if (r["subset"], r["seed"]) in before]
+def _paired_gains(groups: Mapping[tuple, list[dict]], base: str, label: str, size, key: str = "mean_dice"
+                  ) -> list[float]:
+    """``key`` (mean test Dice by default) of ``label`` minus that of ``base`` at ``size``, one difference per
+    (subset, seed) where both ran and have a value."""
+    before = {(r["subset"], r["seed"]): r.get(key) for r in groups.get((base, size), [])}
+    return [r[key] - before[(r["subset"], r["seed"])] for r in groups.get((label, size), [])
+            if r.get(key) is not None and before.get((r["subset"], r["seed"])) is not None]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -174,16 +176,11 @@ def comparison_table(records: Sequence[dict], pairs: Sequence[Sequence[str]]) ->
            "| other | base | " + " | ".join(f"test, {_xl(s)} | validation, {_xl(s)}" for s in sizes) + " |",
            "|---|---|" + "---|---|" * len(sizes)]
 
-    def paired(base, other, size, key):
-        before = {(r["subset"], r["seed"]): r.get(key) for r in groups.get((base, size), [])}
-        return [r.get(key) - before[(r["subset"], r["seed"])] for r in groups.get((other, size), [])
-                if before.get((r["subset"], r["seed"])) is not None and r.get(key) is not None]
-
     for base, other in pairs:
         cells = []
         for s in sizes:
             for key in ("mean_dice", "val_dice"):
-                diffs = paired(base, other, s, key)
+                diffs = _paired_gains(groups, base, other, s, key)
                 mean, std, better = *_mean_std(diffs), sum(d > 0 for d in diffs)
                 cells.append("–" if not diffs else f"{mean:+.3f} ± {std:.3f} ({better}/{len(diffs)})")
         out.append(f"| {other} | {base} | " + " | ".join(cells) + " |")
