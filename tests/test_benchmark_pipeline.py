@@ -8,16 +8,16 @@ from conftest import TINY_NETWORK
 from study import benchmark, pipeline_bench
 
 # a small network, small batches and the synthetic data at 6 patients: seconds, not minutes
-TINY = {**TINY_NETWORK, "num_workers": 0,
-        "global#volumes_per_batch": 2, "local#volumes_per_batch": 2, "global#hidden_features": 16,
-        "global#embedding_features": 8, "pretrain_epoch_length": 2, "batch_size": 4, "iterations_per_epoch": 2}
+TINY_OVERRIDES = {**TINY_NETWORK, "num_workers": 0, "global#volumes_per_batch": 2, "local#volumes_per_batch": 2,
+                  "global#hidden_features": 16, "global#embedding_features": 8, "pretrain_epoch_length": 2,
+                  "batch_size": 4, "iterations_per_epoch": 2}
 TINY_DATA = ["--synthetic#num_patients", "6", "--synthetic#split",
              "{num_validation: 1, num_test: 1, subset_sizes: [1,2], num_subsets: [1,1]}"]
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return pipeline_bench.bench_pipeline(iterations=4, warmup=1, overrides=TINY, prepare_overrides=TINY_DATA,
+    return pipeline_bench.bench_pipeline(iterations=4, warmup=1, overrides=TINY_OVERRIDES, prepare_overrides=TINY_DATA,
                                          quiet=True)
 
 
