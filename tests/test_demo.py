@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 
-import yaml
+from monai.bundle import ConfigParser
 
-from conftest import ROOT, config, run
+from conftest import CONFIGS, ROOT, config, run
 
 DEMO_PRETRAIN = ROOT / "docs" / "scripts" / "demo_pretrain.yaml"
 BUDGET = 300   # global iterations here (the demo runs demo_pretrain.yaml's global#max_iterations)
@@ -24,7 +24,7 @@ MARGIN = 0.1   # the best running loss must end at least this fraction below the
 def chance_level(settings: dict) -> float:
     """The G^D loss when every embedding is the same: ln(1 + negatives per anchor), the negatives being the views of
     every slice of the other S - 1 partitions in the batch: (S - 1) x M x V. 3.22 = ln 25 for M = S = 4, V = 2."""
-    negatives = (settings["num_partitions"] - 1) * settings["volumes_per_batch"] * settings["num_views"]
+    negatives = (settings["num_partitions"] - 1) * settings["global#volumes_per_batch"] * settings["num_views"]
     return math.log(1 + negatives)
 
 
@@ -37,10 +37,9 @@ def test_demo_global_stage_leaves_its_chance_level(tmp_path):
         "--global#max_iterations", BUDGET, "--pretrain_epoch_length", EPOCH, timeout=900,
         )
     stop = json.loads((tmp_path / "eval" / "pretrain_global_stop.json").read_text())
-    defaults = yaml.safe_load((ROOT / "bundle" / "configs" / "pretrain.yaml").read_text())
-    demo = yaml.safe_load(DEMO_PRETRAIN.read_text())
-    settings = {"num_partitions": defaults["num_partitions"], "num_views": defaults["num_views"],
-                "volumes_per_batch": demo.get("global#volumes_per_batch", defaults["global"]["volumes_per_batch"])}
+    merged = ConfigParser()   # the demo's settings: its overlay over the bundle's configs
+    merged.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "pretrain.yaml"), str(DEMO_PRETRAIN)])
+    settings = {key: merged[key] for key in ("num_partitions", "num_views", "global#volumes_per_batch")}
     chance = chance_level(settings)
     losses = [loss for _, loss in stop["history"]]
     assert len(losses) == BUDGET // EPOCH, stop
