@@ -42,8 +42,11 @@ lint: venv
 	$(PY) -m flake8 $(LINT_PATHS)
 	$(PY) -m isort --check-only --diff $(LINT_PATHS)
 
+# the test files spread over TEST_WORKERS processes (pytest-xdist; auto: one per core), each file's tests in one
+# process (--dist loadfile: a module's fixtures are made once); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= auto
 test: venv lint
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # MONAI Label's own environment, beside .venv (docs/monailabel.md): monailabel 0.8.5 imports torchvision, and only
 # the torch 2.14.1 + torchvision 0.29.1 pair imports together here (PyPI's torchvision fails beside the CPU torch

@@ -119,6 +119,17 @@ def write_nifti(path, array, affine=None, spacing=None) -> str:
     return str(path)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``), each of N workers gets cores / N torch threads for the
+    tests that compute in-process, so that the workers do not oversubscribe the machine (the bundle commands the
+    tests start run with one thread: ``run``)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 RELEASE_FILES = ("model.pt", "pretrained_global.pt", "pretrained_local.pt", "commands.log", "release.json")
 
 

@@ -47,12 +47,8 @@ def test_inference_with_the_committed_model_on_an_acdc_volume(tmp_path):
     assert np.mean(dice) > 0.7, dice   # trained weights, not a stand-in
 
 
-def test_pretraining_continues_from_the_committed_pretrained_local(tmp_path):
-    data = tmp_path / "data"
-    run(tmp_path, "run", "prepare_synthetic", "--config_file", config("train.yaml", "prepare.yaml"), "--dataset_dir",
-        data, "--synthetic#num_patients", "6", "--synthetic#split",
-        "{num_validation: 1, num_test: 1, subset_sizes: [1], num_subsets: [1]}", "--cache_workers", "0")
-    run(tmp_path, "run", "pretrain", "--config_file", config("train.yaml", "pretrain.yaml"), "--dataset_dir", data,
+def test_pretraining_continues_from_the_committed_pretrained_local(tmp_path, prepared_data):
+    run(tmp_path, "run", "pretrain", "--config_file", config("train.yaml", "pretrain.yaml"), *prepared_data,
         "--model_dir", tmp_path / "models", "--output_dir", tmp_path / "eval", "--num_workers", "0",
         "--init_checkpoint", MODELS / "pretrained_local.pt", *PRETRAIN, timeout=600)
     stop = json.loads((tmp_path / "eval" / "pretrain_global_stop.json").read_text())
