@@ -197,9 +197,9 @@ kill_train: ["$@train#trainer.add_event_handler(@at, lambda e: os.kill(os.getpid
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    work = tmp_path_factory.mktemp("semi")
-    data = br.prepare(work)
+def work(tmp_path_factory, prepared_data):
+    work = tmp_path_factory.mktemp("semi")   # the runs' own folders; the data is the session's (only read)
+    data = prepared_data
     (work / "today.yaml").write_text(TODAY)
     (work / "kill.yaml").write_text(KILL)
     return work, data
