@@ -384,14 +384,17 @@ def plot_dice_vs_labelled(records: Sequence[dict], output: str, order: Sequence[
     plt = pyplot()
     groups = _group(records)
     sizes = [s for s in _sizes(records) if s != "all"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     labels = _labels(records, order)
+    beside = len(labels) > 6   # a long legend goes beside the axes, not over the points
+    fig, ax = plt.subplots(figsize=(10.0 if beside else 6.4, 4.2))
+    colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10").colors
     for k, label in enumerate(labels):
         points = [(s, *_mean_std([r["mean_dice"] for r in groups[(label, s)]])) for s in sizes if (label, s) in groups]
         if points:
             x, mean, std = map(np.array, zip(*points))
             x = x * 2 ** (0.03 * (k - (len(labels) - 1) / 2))   # a small horizontal offset keeps error bars apart
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+            ax.errorbar(x, mean, yerr=std, marker="osD^v"[k % 5], color=colours[k % len(colours)], capsize=3,
+                        label=label)
     bench = [r for r in records if r["num_labelled"] == "all" and r.get("mean_dice") is not None]
     if bench:
         mean, std = _mean_std([r["mean_dice"] for r in bench])
@@ -407,7 +410,10 @@ def plot_dice_vs_labelled(records: Sequence[dict], output: str, order: Sequence[
     ax.set(xlabel="labelled training volumes |XL|", ylabel="mean test Dice (foreground)",
            title="Test Dice against the number of labelled volumes")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
+    if beside:
+        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8, frameon=False)
     return save_figure(fig, output)
 
 
