@@ -185,9 +185,11 @@ def test_with_no_unsupervised_weight_a_consistency_step_is_the_supervised_step()
 
 
 # ---------------------------------------------------------------- workflows
-TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's path)
+TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's path),
+# and no learning-rate schedule stepped (train.yaml had none before lr_decay_power)
 train#prepare_batch: {_target_: scripts.engines.AugmentedBatch, augment: "@train#augmentation"}
 train#loss#to_onehot_y: true
+train#handlers#4#_disabled_: true
 """
 KILL = """# test overlay: SIGKILL the process when iteration `kill_iteration` of the fine-tuning starts
 kill_iteration: 3
@@ -229,27 +231,35 @@ def test_switches_off_give_todays_fine_tuning_bit_for_bit_and_on_change_it(work)
     _fine_tune(work, data, "mixup", args=("--mixup_alpha", "0.4"))
     assert not _same(off, _weights(work, "mixup"))
     assert safe_load(work / "mixup" / "models" / "state_train.pt")["record"]["mixup_alpha"] == 0.4
+    _fine_tune(work, data, "poly", args=("--lr_decay_power", "0.9"))
+    assert not _same(off, _weights(work, "poly"))
+    poly = safe_load(work / "poly" / "models" / "state_train.pt")
+    assert poly["record"]["lr_decay_power"] == 0.9
+    assert poly["objects"]["optimizer"]["param_groups"][0]["lr"] == 0.0   # decayed to 0 at the last of 4 x 2 steps
+    today = safe_load(work / "off" / "models" / "state_train.pt")["objects"]["optimizer"]["param_groups"][0]
+    assert today["lr"] == 0.001
 
 
 def test_consistency_fine_tuning_killed_and_resumed_equals_uninterrupted(work):
     work, data = work
-    whole = _fine_tune(work, data, "cons", "consistency.yaml")
+    decay = ("--lr_decay_power", "0.9")   # a learning rate that changes every step: the schedule resumes too
+    whole = _fine_tune(work, data, "cons", "consistency.yaml", args=decay)
     assert "val_mean_dice" in whole.stdout + whole.stderr
     state = safe_load(work / "cons" / "models" / "state_train.pt")
     assert state["record"]["consistency"]["threshold"] == 0.95
     if (work / "off" / "models" / "state_train.pt").exists():
         assert not _same(_weights(work, "cons"), _weights(work, "off"))
     _fine_tune(work, data, "cons_killed", "consistency.yaml", work / "kill.yaml",
-               run_id="kill_train", args=("--kill_iteration", "5"), expect=-9)
+               run_id="kill_train", args=("--kill_iteration", "5", *decay), expect=-9)
     models = work / "cons_killed" / "models"
     assert safe_load(models / "state_train.pt")["trainer"]["iteration"] == 4
-    resumed = _fine_tune(work, data, "cons_killed", "consistency.yaml", args=("--resume", "True"))
+    resumed = _fine_tune(work, data, "cons_killed", "consistency.yaml", args=("--resume", "True", *decay))
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert _same(_weights(work, "cons"), _weights(work, "cons_killed"))
     whole_best = safe_load(work / "cons" / "models" / "model.pt")["model"]
     assert _same(whole_best, safe_load(models / "model.pt")["model"])
     refused = _fine_tune(work, data, "cons_killed", "consistency.yaml",
-                         args=("--resume", "True", "--confidence_threshold", "0.9"), expect=None)
+                         args=("--resume", "True", "--confidence_threshold", "0.9", *decay), expect=None)
     assert refused.returncode != 0 and "consistency" in refused.stderr
 
 
