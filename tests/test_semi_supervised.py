@@ -184,6 +184,22 @@ def test_with_no_unsupervised_weight_a_consistency_step_is_the_supervised_step()
         torch.testing.assert_close(moved, expected, msg=name)
 
 
+def test_the_learning_rate_decay_is_polynomial_and_refuses_a_negative_power():
+    from scripts.engines import polynomial_decay
+    from scripts.errors import BundleError
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.001)
+    schedule = polynomial_decay(optimizer, total_iters=4, power=0.9)
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(abs(r - 0.001 * (1 - i / 4) ** 0.9) < 1e-12 for i, r in enumerate(rates, 1))   # 0 at the last step
+    with pytest.raises(BundleError, match="lr_decay_power: -0.5 is negative"):
+        polynomial_decay(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.001), total_iters=4, power=-0.5)
+
+
 # ---------------------------------------------------------------- workflows
 TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's path),
 # and no learning-rate schedule stepped (train.yaml had none before lr_decay_power)

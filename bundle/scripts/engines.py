@@ -23,6 +23,7 @@ from monai.handlers import MetricsSaver, write_metrics_reports
 from monai.utils import string_list_all_gather
 from torch import nn
 
+from scripts.errors import BundleError
 from scripts.files import atomic_copy, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,17 @@ class MetadataLoss(nn.Module):
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Parameters with ``requires_grad`` (e.g. everything but the frozen encoder in the local stage)."""
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def polynomial_decay(optimizer: torch.optim.Optimizer, total_iters: int,
+                     power: float) -> torch.optim.lr_scheduler.PolynomialLR:
+    """torch's ``PolynomialLR``, stepped once per iteration: the learning rate x (1 - step / ``total_iters``)^``power``,
+    0 at ``total_iters``; ``power`` 0 leaves it unchanged. A negative ``power`` (train.yaml ``lr_decay_power``) is
+    refused in one line before training: the rate would grow and divide by zero at the last step."""
+    if not power >= 0:
+        raise BundleError(f"lr_decay_power: {power} is negative; use 0 (a constant learning rate) or a positive power "
+                          "(0.9: UniMatch's decay).")
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total_iters), power=float(power))
 
 
 def loss_value(output) -> float:
