@@ -51,7 +51,7 @@ DEFAULTS = {
     "encoder_channels": [16, 32, 64, 128, 128, 128], "decoder_channels": [128, 128, 64, 32, 16],
     "num_labelled": 2, "subset": 0, "pretrained_decoder_blocks": 3, "learning_rate": 0.001, "batch_size": 10,
     "iterations_per_epoch": 50, "max_epochs": 12, "val_interval": 1, "dice_weight": 1.0, "ce_weight": 1.0,
-    "elastic_magnitude": [0.0, 2.0], "num_workers": 0, "amp": False, "lr_decay_power": 0.0,
+    "elastic_magnitude": [0.0, 2.0], "num_workers": 0, "amp": False, "lr_decay_power": 0.0, "ema_decay": 0.0,
     "selection_rule": "kcenter", "selection_pool": "unlabelled", "selection_partitions": 4,
 }
 CONFIGS = ["train.yaml", "prepare.yaml", "pretrain.yaml", "select.yaml"]

@@ -200,6 +200,40 @@ def test_the_learning_rate_decay_is_polynomial_and_refuses_a_negative_power():
         polynomial_decay(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.001), total_iters=4, power=-0.5)
 
 
+def test_the_weight_average_is_an_ema_of_weights_and_batchnorm_statistics_and_off_is_the_network():
+    from scripts.engines import WeightAverage
+    from scripts.errors import BundleError
+
+    torch.manual_seed(0)
+    net = UNet2D(1, 3, **br.TINY_NETWORK).train()
+    off = WeightAverage(net, 0.0)
+    assert off.network is net and off.state_dict() == {}
+    average = WeightAverage(net, 0.9)
+    snapshots = []
+    for _ in range(3):   # a step that moves the weights and the BatchNorm running statistics
+        with torch.no_grad():
+            net(torch.rand(2, 1, 32, 32))
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        snapshots.append({k: v.clone() for k, v in net.state_dict().items()})
+        average.update()
+    expected = {k: v.float() for k, v in snapshots[0].items()}   # the first update copies
+    for snapshot in snapshots[1:]:
+        expected = {k: 0.9 * expected[k] + 0.1 * snapshot[k].float() for k in expected}
+    kept = average.network.state_dict()
+    assert kept.keys() == net.state_dict().keys()   # model.pt holds a plain U-Net state_dict
+    for key, value in kept.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected[key], msg=key)
+    first = next(iter(kept))
+    assert not torch.equal(kept[first], net.state_dict()[first])   # the average lags the last weights
+    twin = WeightAverage(net, 0.9)
+    twin.load_state_dict(average.state_dict())   # a resume restores the average
+    assert _same(twin.network.state_dict(), kept)
+    with pytest.raises(BundleError, match="ema_decay: 1.0 is outside"):
+        WeightAverage(net, 1.0)
+
+
 # ---------------------------------------------------------------- workflows
 TODAY = """# test overlay: the fine-tuning's prepare_batch and loss as train.yaml had them before Mixup (today's path),
 # and no learning-rate schedule stepped (train.yaml had none before lr_decay_power)
@@ -254,15 +288,25 @@ def test_switches_off_give_todays_fine_tuning_bit_for_bit_and_on_change_it(work)
     assert poly["objects"]["optimizer"]["param_groups"][0]["lr"] == 0.0   # decayed to 0 at the last of 4 x 2 steps
     today = safe_load(work / "off" / "models" / "state_train.pt")["objects"]["optimizer"]["param_groups"][0]
     assert today["lr"] == 0.001
+    # the weight average trains the same weights, and validates and keeps their average instead
+    _fine_tune(work, data, "ema", args=("--ema_decay", "0.9"))
+    ema = safe_load(work / "ema" / "models" / "state_train.pt")
+    assert _same(off, ema["objects"]["model"]) and ema["record"]["ema_decay"] == 0.9
+    _fine_tune(work, data, "ema_end", args=("--ema_decay", "0.9", "--val_interval", "4"))   # validated at the end only
+    ema = safe_load(work / "ema_end" / "models" / "state_train.pt")
+    averaged = {k.removeprefix("module."): v for k, v in ema["objects"]["averaged"].items() if k != "n_averaged"}
+    assert not _same(ema["objects"]["model"], averaged)
+    assert _same(safe_load(work / "ema_end" / "models" / "model.pt")["model"], averaged)
 
 
 def test_consistency_fine_tuning_killed_and_resumed_equals_uninterrupted(work):
     work, data = work
-    decay = ("--lr_decay_power", "0.9")   # a learning rate that changes every step: the schedule resumes too
+    # a learning rate that changes every step and a weight average: the schedule and the average resume too
+    decay = ("--lr_decay_power", "0.9", "--ema_decay", "0.9")
     whole = _fine_tune(work, data, "cons", "consistency.yaml", args=decay)
     assert "val_mean_dice" in whole.stdout + whole.stderr
     state = safe_load(work / "cons" / "models" / "state_train.pt")
-    assert state["record"]["consistency"]["threshold"] == 0.95
+    assert state["record"]["consistency"]["threshold"] == 0.95 and state["objects"]["averaged"]
     if (work / "off" / "models" / "state_train.pt").exists():
         assert not _same(_weights(work, "cons"), _weights(work, "off"))
     _fine_tune(work, data, "cons_killed", "consistency.yaml", work / "kill.yaml",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Events
 from monai.handlers import MetricsSaver, write_metrics_reports
 from monai.utils import string_list_all_gather
 from torch import nn
@@ -112,6 +113,49 @@ def polynomial_decay(optimizer: torch.optim.Optimizer, total_iters: int,
         raise BundleError(f"lr_decay_power: {power} is negative; use 0 (a constant learning rate) or a positive power "
                           "(0.9: UniMatch's decay).")
     return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total_iters), power=float(power))
+
+
+class WeightAverage:
+    """A handler keeping an exponential moving average of a network's weights and BatchNorm statistics, updated
+    after every iteration (``torch.optim.swa_utils.AveragedModel``, EMA): ``avg = decay x avg + (1 - decay) x w``,
+    the first update a copy. ``network`` is what validation, model selection and ``model.pt`` use: the average, or,
+    with ``decay`` 0 (off), ``source`` itself, nothing attached and nothing copied (today's fine-tuning).
+
+    Args:
+        source: the network the optimiser trains (unwrapped, not its ``DistributedDataParallel``).
+        decay: the weight of the old average at each update, in [0, 1); 0: off.
+    ``state_dict`` / ``load_state_dict`` carry the average across a resume (``TrainingState``'s save_dict); off,
+    the state is empty.
+    """
+
+    def __init__(self, source: nn.Module, decay: float = 0.0):
+        if not 0 <= decay < 1:
+            raise BundleError(f"ema_decay: {decay} is outside [0, 1); use 0 (off) or e.g. 0.99 (the mean teacher's).")
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.source, self.decay = source, float(decay)
+        self.averaged = (AveragedModel(source, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+                         if self.decay > 0 else None)
+
+    @property
+    def network(self) -> nn.Module:
+        return self.source if self.averaged is None else self.averaged.module
+
+    def attach(self, engine) -> None:
+        if self.averaged is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+
+    def update(self, _engine=None) -> None:
+        self.averaged.update_parameters(self.source)
+
+    def state_dict(self) -> dict:
+        return {} if self.averaged is None else self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state)
+        elif state:
+            raise ValueError("the state holds a weight average and ema_decay is 0")
 
 
 def loss_value(output) -> float:
@@ -210,8 +254,6 @@ class PlateauStop:
         self._sum, self._count, self._started = 0.0, 0, 0.0
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
