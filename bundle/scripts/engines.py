@@ -116,10 +116,11 @@ def polynomial_decay(optimizer: torch.optim.Optimizer, total_iters: int,
 
 
 class WeightAverage:
-    """A handler keeping an exponential moving average of a network's weights and BatchNorm statistics, updated
-    after every iteration (``torch.optim.swa_utils.AveragedModel``, EMA): ``avg = decay x avg + (1 - decay) x w``,
-    the first update a copy. ``network`` is what validation, model selection and ``model.pt`` use: the average, or,
-    with ``decay`` 0 (off), ``source`` itself, nothing attached and nothing copied (today's fine-tuning).
+    """An exponential moving average of a network's weights and BatchNorm statistics
+    (``torch.optim.swa_utils.AveragedModel``): each ``update`` sets ``avg = decay x avg + (1 - decay) x w``, the first
+    a copy; the trainer calls it after every iteration through an ``IterationCallback`` (train.yaml's handlers).
+    ``network`` is what validation, model selection and ``model.pt`` use: the average, or, with ``decay`` 0 (off),
+    ``source`` itself, nothing copied and ``update`` a no-op (today's fine-tuning).
 
     Args:
         source: the network the optimiser trains (unwrapped, not its ``DistributedDataParallel``).
@@ -141,12 +142,9 @@ class WeightAverage:
     def network(self) -> nn.Module:
         return self.source if self.averaged is None else self.averaged.module
 
-    def attach(self, engine) -> None:
-        if self.averaged is not None:
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-
     def update(self, _engine=None) -> None:
-        self.averaged.update_parameters(self.source)
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.source)
 
     def state_dict(self) -> dict:
         return {} if self.averaged is None else self.averaged.state_dict()
@@ -156,6 +154,18 @@ class WeightAverage:
             self.averaged.load_state_dict(state)
         elif state:
             raise ValueError("the state holds a weight average and ema_decay is 0")
+
+
+class IterationCallback:
+    """A handler that calls ``function(engine)`` after every iteration of the engine it is attached to: a handler
+    list entry of its own (a mapping with ``_target_``: MONAI Label's property check reads every entry's) for an
+    object defined elsewhere in the config, e.g. ``WeightAverage.update``."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.function)
 
 
 def loss_value(output) -> float:
