@@ -32,7 +32,7 @@ ZOO_SECTIONS = ["Model Overview", "Data", "Training configuration", "Input / Out
 
 # The defaults of this version. A change of any of them is a new version: `make version VERSION=minor CHANGE="..."`,
 # then record the new values here under the new version number.
-DEFAULTS_VERSION = "0.11.0"
+DEFAULTS_VERSION = "0.12.0"
 DEFAULTS = {
     "image_size": 64, "spacing": 3.0, "slice_axis": "auto", "placeholder_spacing": 1.5,
     "split#num_validation": 2, "split#num_test": 20, "split#subset_sizes": [1, 2, 8], "split#num_subsets": [5, 5, 3],
