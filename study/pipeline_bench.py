@@ -12,9 +12,11 @@ slices and the weak, strong and feature-perturbed views of U unlabelled ones, B 
   network, loss, backward, optimiser step, across epoch boundaries (a non-persistent loader starts its workers again
   each epoch). The first ``warmup`` iterations (start-up: the loader's first batches, the disk cache filled) are
   not timed. The trainer's handlers (progress bar, logs, checkpoints, training state, validation) are left out:
-  they are not the data pipeline, and validation is per epoch, not per image.
+  they are not the data pipeline, and validation is per epoch, not per image; the moving average of the weights
+  (``ema_decay`` > 0, consistency.yaml's default) is updated after each iteration, as in training.
 - ``model``: the trainer's network, loss and optimiser on one ready batch of the same shape (a batch of the stage's
-  loader, moved to the device and augmented once): zero_grad, forward, loss, backward, optimiser step, nothing else.
+  loader, moved to the device and augmented once): zero_grad, forward, loss, backward, optimiser step, and the
+  weight average's update where the stage keeps one; nothing else.
   Half of the ``iterations`` steps run before the workflow and half after it, so that a load on the machine that
   drifts during the measurement weighs on both alike.
 
@@ -145,6 +147,22 @@ def _model_step(trainer, batch):
     return step, int(inputs.shape[0])
 
 
+def _with_weight_average(parser: ConfigParser, prefix: str, trainer, step):
+    """Where the stage keeps a moving average of the weights (``train#averaged``, ``ema_decay`` > 0: consistency.yaml
+    turns it on), its update after every iteration is part of the step: it is attached to ``trainer`` (whose own
+    handlers, the average's among them, are left out) and added to the model-only ``step``, which is returned."""
+    if prefix != "train" or parser.get_parsed_content("ema_decay") <= 0:
+        return step
+    average = parser.get_parsed_content("train#averaged")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, average.update)
+
+    def step_and_average() -> None:
+        step()
+        average.update()
+
+    return step_and_average
+
+
 def _time_steps(step, warmup: int, iterations: int) -> float:
     """Seconds of ``iterations`` calls of ``step`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -176,7 +194,7 @@ def bench_pipeline(
 
     Returns:
         One row per stage: stage, images (per step), iterations, pipeline_ips, model_ips (images/s), ratio,
-        num_workers.
+        num_workers, ema_decay (the weight average's decay; 0: none).
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -196,6 +214,7 @@ def bench_pipeline(
                 _save_random_global_checkpoint(parser)
             trainer = parser.get_parsed_content(f"{prefix}#trainer")
             step, images = _model_step(trainer, next(iter(trainer.data_loader)))
+            step = _with_weight_average(parser, prefix, trainer, step)
             half = max(1, iterations // 2)
             progress(f"[pipeline] {stage}: model-only steps, then {warmup} + {iterations} iterations of the "
                      "workflow, then model-only steps ...", quiet)
@@ -205,6 +224,7 @@ def bench_pipeline(
             pipeline_ips, model_ips = pipeline_images / pipeline_s, 2 * half * images / model_s
             row = {"stage": stage, "images": images, "iterations": iterations,
                    "num_workers": parser.get_parsed_content(f"{prefix}#dataloader#num_workers"),
+                   "ema_decay": parser.get_parsed_content("ema_decay") if prefix == "train" else 0.0,
                    "pipeline_ips": pipeline_ips, "model_ips": model_ips, "ratio": pipeline_ips / model_ips}
             rows.append(row)
             progress(f"[pipeline] {format_line(row)}", quiet)

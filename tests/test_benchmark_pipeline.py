@@ -3,8 +3,12 @@
 import math
 
 import pytest
+import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
 
 from conftest import TINY_NETWORK
+from scripts.engines import WeightAverage
 from study import benchmark, pipeline_bench
 
 # a small network, small batches and the synthetic data at 6 patients: seconds, not minutes
@@ -35,6 +39,22 @@ def test_the_four_workflows_are_measured_against_their_model_step(rows):
         assert 0.05 < row["ratio"] < 3.0, row
     line = pipeline_bench.format_line(rows[0])
     assert line.startswith("stage=global pipeline=") and " model=" in line and " ratio=" in line
+
+
+def test_the_weight_average_is_part_of_the_consistency_step(rows):
+    # consistency.yaml turns the moving average on; plain fine-tuning and pre-training keep none
+    assert [r["ema_decay"] for r in rows] == [0.0, 0.0, 0.0, 0.99]
+    network = torch.nn.Linear(2, 2)
+    average = WeightAverage(network, decay=0.9)
+    parser = ConfigParser({"ema_decay": 0.9, "train": {"averaged": average}})
+    trainer = Engine(lambda engine, batch: None)
+    step = pipeline_bench._with_weight_average(parser, "train", trainer, lambda: None)
+    step()
+    step()
+    trainer.run([0, 1, 2], max_epochs=1)
+    assert int(average.averaged.n_averaged) == 5   # two model-only steps and three workflow iterations
+    untouched = Engine(lambda engine, batch: None)
+    assert pipeline_bench._with_weight_average(ConfigParser({"ema_decay": 0.0}), "train", untouched, print) is print
 
 
 def test_unknown_stages_and_empty_measurements_are_refused():
