@@ -147,11 +147,11 @@ def _model_step(trainer, batch):
     return step, int(inputs.shape[0])
 
 
-def _with_weight_average(parser: ConfigParser, prefix: str, trainer, step):
+def _with_weight_average(parser: ConfigParser, ema_decay: float, trainer, step):
     """Where the stage keeps a moving average of the weights (``train#averaged``, ``ema_decay`` > 0: consistency.yaml
     turns it on), its update after every iteration is part of the step: it is attached to ``trainer`` (whose own
     handlers, the average's among them, are left out) and added to the model-only ``step``, which is returned."""
-    if prefix != "train" or parser.get_parsed_content("ema_decay") <= 0:
+    if ema_decay <= 0:
         return step
     average = parser.get_parsed_content("train#averaged")
     trainer.add_event_handler(Events.ITERATION_COMPLETED, average.update)
@@ -214,7 +214,8 @@ def bench_pipeline(
                 _save_random_global_checkpoint(parser)
             trainer = parser.get_parsed_content(f"{prefix}#trainer")
             step, images = _model_step(trainer, next(iter(trainer.data_loader)))
-            step = _with_weight_average(parser, prefix, trainer, step)
+            ema_decay = parser.get_parsed_content("ema_decay") if prefix == "train" else 0.0   # pre-training: none
+            step = _with_weight_average(parser, ema_decay, trainer, step)
             half = max(1, iterations // 2)
             progress(f"[pipeline] {stage}: model-only steps, then {warmup} + {iterations} iterations of the "
                      "workflow, then model-only steps ...", quiet)
@@ -224,7 +225,7 @@ def bench_pipeline(
             pipeline_ips, model_ips = pipeline_images / pipeline_s, 2 * half * images / model_s
             row = {"stage": stage, "images": images, "iterations": iterations,
                    "num_workers": parser.get_parsed_content(f"{prefix}#dataloader#num_workers"),
-                   "ema_decay": parser.get_parsed_content("ema_decay") if prefix == "train" else 0.0,
+                   "ema_decay": ema_decay,
                    "pipeline_ips": pipeline_ips, "model_ips": model_ips, "ratio": pipeline_ips / model_ips}
             rows.append(row)
             progress(f"[pipeline] {format_line(row)}", quiet)

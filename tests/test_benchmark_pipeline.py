@@ -46,15 +46,15 @@ def test_the_weight_average_is_part_of_the_consistency_step(rows):
     assert [r["ema_decay"] for r in rows] == [0.0, 0.0, 0.0, 0.99]
     network = torch.nn.Linear(2, 2)
     average = WeightAverage(network, decay=0.9)
-    parser = ConfigParser({"ema_decay": 0.9, "train": {"averaged": average}})
+    parser = ConfigParser({"train": {"averaged": average}})
     trainer = Engine(lambda engine, batch: None)
-    step = pipeline_bench._with_weight_average(parser, "train", trainer, lambda: None)
+    step = pipeline_bench._with_weight_average(parser, 0.9, trainer, lambda: None)
     step()
     step()
     trainer.run([0, 1, 2], max_epochs=1)
     assert int(average.averaged.n_averaged) == 5   # two model-only steps and three workflow iterations
     untouched = Engine(lambda engine, batch: None)
-    assert pipeline_bench._with_weight_average(ConfigParser({"ema_decay": 0.0}), "train", untouched, print) is print
+    assert pipeline_bench._with_weight_average(ConfigParser({}), 0.0, untouched, print) is print
 
 
 def test_unknown_stages_and_empty_measurements_are_refused():
