@@ -103,7 +103,8 @@ def _images(output) -> int:
 
 def _time_pipeline(trainer, warmup: int, iterations: int) -> tuple[float, int]:
     """Run ``trainer`` for ``warmup + iterations`` iterations (over as many epochs as that takes); returns the
-    seconds and the network input images of the last ``iterations``."""
+    seconds and the network input images of the last ``iterations``, and leaves no batch or output in
+    ``trainer.state``."""
     stamps: list[float] = []
     images: list[int] = []
     total = warmup + iterations
@@ -118,6 +119,9 @@ def _time_pipeline(trainer, warmup: int, iterations: int) -> tuple[float, int]:
     epoch_length = trainer.state.epoch_length or len(trainer.data_loader)
     trainer.state.max_epochs = -(-total // epoch_length) + 1
     trainer.run()
+    # the run leaves its last batch and output in the trainer's state, and model-only steps that fire the trainer's
+    # iteration events (the consistency step) would decollate them again at every step: drop them, as before the run
+    trainer.state.batch = trainer.state.output = None
     if len(stamps) < total:
         raise RuntimeError(f"the trainer stopped after {len(stamps)} of {total} iterations.")
     return stamps[-1] - stamps[warmup - 1], sum(images[warmup:])

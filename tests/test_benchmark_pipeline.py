@@ -57,6 +57,20 @@ def test_the_weight_average_is_part_of_the_consistency_step(rows):
     assert pipeline_bench._with_weight_average(ConfigParser({}), 0.0, untouched, print) is print
 
 
+def test_the_workflow_run_leaves_no_batch_for_the_model_only_steps_after_it():
+    # the model-only steps after the run fire the trainer's events; a leftover batch would be decollated at each
+    class Trainer(Engine):   # a MONAI workflow's shape: it runs over its own data loader
+        data_loader = [2, 2, 2]
+
+        def run(self):
+            return super().run(self.data_loader, max_epochs=self.state.max_epochs)
+
+    trainer = Trainer(lambda engine, batch: {"image": torch.zeros(batch, 1)})
+    seconds, images = pipeline_bench._time_pipeline(trainer, warmup=1, iterations=4)
+    assert seconds > 0 and images == 4 * 2
+    assert trainer.state.batch is None and trainer.state.output is None
+
+
 def test_unknown_stages_and_empty_measurements_are_refused():
     with pytest.raises(ValueError, match="stages"):
         pipeline_bench.bench_pipeline(stages=("pretrain",), quiet=True)
